@@ -1,0 +1,261 @@
+"""The device-side facade (numpy + one inference runtime, never torch): :class:`DeviceRuntime`.
+
+A camera or ground-station application uses it directly; the ``edgetl device`` commands are a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgetl._atomic import atomic_write, atomic_write_json
+from edgetl.bundle import Bundle
+from edgetl.data import ImageFolder, batches, load_image, scan_image_folder, stratified_split
+from edgetl.errors import BundleError, DataError, NotFittedError, StateError
+from edgetl.heads import Head, load_head, make_head
+from edgetl.preprocess import preprocess_image
+from edgetl.runtime import FeatureExtractor, load_extractor
+from edgetl.store import EmbeddingStore, content_hash
+
+log = logging.getLogger(__name__)
+
+#: progress callback: (stage, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    version: str
+    head: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    val_accuracy: float | None
+    fit_seconds: float
+    embedded: int
+    cached: int
+
+
+class DeviceRuntime:
+    """Load and verify a bundle; embed, train a head, predict, evaluate.
+
+    The extractor session is created on first use and reused for the life of the object.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str], backend: str = "onnx", precision: str = "fp32",
+                 threads: int | None = None, batch_size: int = 32):
+        self.bundle = Bundle.load(bundle)
+        self.backend = backend
+        self.entry = self.bundle.extractor(backend, precision)
+        self.extractor_sha256 = self.bundle.sha256(self.entry.file)
+        self.threads = threads
+        self.batch_size = batch_size
+        self._extractor: FeatureExtractor | None = None
+
+    # ------------------------------------------------------------------------------------------------------ embedding
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), threads=self.threads)
+        return self._extractor
+
+    def embed_arrays(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Preprocessed images ``(N, 3, S, S)`` → embeddings ``(N, D)``."""
+        return self.extractor.embed(batch)
+
+    def embed_images(self, images: Sequence[Any]) -> npt.NDArray[np.float32]:
+        """PIL images or uint8 arrays → embeddings ``(N, D)`` (same preprocessing as the host)."""
+        pp = self.bundle.preprocessing
+        out = np.empty((len(images), self.bundle.feature_dim), dtype=np.float32)
+        buf = np.empty((min(self.batch_size, len(images)), 3, pp.input_size, pp.input_size), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            for i, image in enumerate(chunk):
+                buf[i] = preprocess_image(image, pp)
+            out[start:start + len(chunk)] = self.extractor.embed(buf[:len(chunk)])
+        return out
+
+    def embed_paths(self, paths: Sequence[Path], cache: bool = True,
+                    progress: Progress = _no_progress) -> tuple[npt.NDArray[np.float32], int]:
+        """Embed image files, reading cached embeddings from the store. Returns (embeddings (N, D), number cached)."""
+        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) if cache else None
+        keys = [content_hash(p) for p in paths] if store is not None else [""] * len(paths)
+        out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
+        todo: list[int] = []
+        for i, key in enumerate(keys):
+            hit = store.get(key) if store is not None else None
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = hit
+        cached = len(paths) - len(todo)
+        progress("embed", cached, len(paths))
+        done = cached
+        for chunk in batches(todo, self.batch_size):
+            images = [load_image(paths[i]) for i in chunk]
+            emb = self.embed_images(images)
+            for j, i in enumerate(chunk):
+                out[i] = emb[j]
+                if store is not None:
+                    store.put(keys[i], emb[j])
+            done += len(chunk)
+            progress("embed", done, len(paths))
+        if store is not None:
+            try:
+                store.save()
+            except OSError as exc:
+                log.warning("embedding cache not saved (%s); embeddings will be recomputed next time", exc)
+        return out, cached
+
+    # ---------------------------------------------------------------------------------------------------- head state
+    @property
+    def _heads_dir(self) -> Path:
+        return self.bundle.state_dir / "heads"
+
+    def current_version(self) -> str | None:
+        """The name of the current head version, ``"bundle"`` for the host's initial head, or None."""
+        pointer = self.bundle.state_dir / "current"
+        if pointer.is_file():
+            return pointer.read_text(encoding="utf-8").strip()
+        return "bundle" if self.bundle.manifest.get("head") else None
+
+    def load_current_head(self) -> tuple[Head, list[str], str]:
+        """(head, class names, version) of the current head; raises :class:`NotFittedError` when there is none."""
+        version = self.current_version()
+        if version is None:
+            raise NotFittedError(f"bundle {self.bundle.path} has no head yet; train one: "
+                                 f"edgetl device train {self.bundle.path} --data DIR")
+        if version == "bundle":
+            head_file, labels = self.bundle.file(self.bundle.manifest["head"]["file"]), self.bundle.labels
+        else:
+            folder = self._heads_dir / version
+            meta = _read_json(folder / "meta.json")
+            if meta.get("extractor_sha256") != self.extractor_sha256:
+                raise StateError(f"head {version} was trained for another extractor; retrain it for this one: "
+                                 f"edgetl device train {self.bundle.path} --data DIR")
+            head_file, labels = folder / "head.npz", list(meta["classes"])
+        return load_head(head_file), labels, version
+
+    def _save_version(self, head: Head, classes: list[str], metrics: dict[str, Any]) -> str:
+        self._heads_dir.mkdir(parents=True, exist_ok=True)
+        existing = [int(p.name[1:]) for p in self._heads_dir.glob("v[0-9]*") if p.name[1:].isdigit()]
+        version = f"v{max(existing, default=0) + 1:04d}"
+        tmp = self._heads_dir / f".{version}.tmp"
+        tmp.mkdir(parents=True, exist_ok=False)
+        atomic_write(tmp / "head.npz", head.save)
+        atomic_write_json(tmp / "meta.json", {"version": version, "head": head.kind, "classes": classes,
+                                              "extractor_sha256": self.extractor_sha256,
+                                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics})
+        os.replace(tmp, self._heads_dir / version)
+        payload = version.encode()
+        atomic_write(self.bundle.state_dir / "current", lambda fh: fh.write(payload))
+        return version
+
+    # ------------------------------------------------------------------------------------------------------ training
+    def train(self, data: str | os.PathLike[str] | ImageFolder, head: str = "softmax", val_split: float = 0.2,
+              seed: int = 0, progress: Progress = _no_progress, **head_params: Any) -> TrainReport:
+        """Embed ``data`` (ImageFolder), fit a new head, measure it on a held-out part, make it the current version."""
+        folder = data if isinstance(data, ImageFolder) else scan_image_folder(data)
+        embeddings, cached = self.embed_paths(folder.paths, progress=progress)
+        labels = folder.labels
+        train_idx, val_idx = stratified_split(labels, val_split, seed)
+        if len(np.unique(labels[train_idx])) < 2:
+            raise DataError(f"{folder.root}: too few images to train after holding out {val_split:.0%}; add images")
+        model = make_head(head, seed=seed, **head_params)
+        start = time.perf_counter()
+        model.fit(embeddings[train_idx], labels[train_idx])
+        fit_seconds = time.perf_counter() - start
+        val_acc = float((model.predict(embeddings[val_idx]) == labels[val_idx]).mean()) if len(val_idx) else None
+        if len(val_idx):
+            # the held-out part served its purpose; the kept head learns from every image
+            model = make_head(head, seed=seed, **head_params).fit(embeddings, labels)
+        metrics = {"val_accuracy": val_acc, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                   "fit_seconds": round(fit_seconds, 4), "data": str(folder.root)}
+        version = self._save_version(model, list(folder.classes), metrics)
+        return TrainReport(version, head, list(folder.classes), int(len(train_idx)), int(len(val_idx)), val_acc,
+                           fit_seconds, len(folder) - cached, cached)
+
+    # ---------------------------------------------------------------------------------------------------- inference
+    def predict(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1) -> list[dict[str, Any]]:
+        """Top-k classes with probabilities for each image file."""
+        head, labels, version = self.load_current_head()
+        images = [load_image(p) for p in paths]
+        proba = head.predict_proba(self.embed_images(images))
+        k = max(1, min(top_k, len(labels)))
+        results = []
+        for path, row in zip(paths, proba):
+            order = np.argsort(-row)[:k]
+            results.append({"path": str(path), "label": labels[order[0]], "probability": float(row[order[0]]),
+                            "top_k": [{"label": labels[i], "probability": float(row[i])} for i in order],
+                            "head_version": version})
+        return results
+
+    def evaluate(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
+        """Accuracy of the current head on a labelled ImageFolder whose class names the head knows."""
+        head, labels, version = self.load_current_head()
+        folder = scan_image_folder(data, min_classes=1)
+        unknown = sorted(set(folder.classes) - set(labels))
+        if unknown:
+            raise DataError(f"{folder.root} has classes the head does not know: {', '.join(unknown)}; "
+                            f"known: {', '.join(labels)}")
+        to_head = np.array([labels.index(c) for c in folder.classes])
+        truth = to_head[folder.labels]
+        embeddings, _ = self.embed_paths(folder.paths, progress=progress)
+        pred = head.predict(embeddings)
+        per_class = {labels[c]: float((pred[truth == c] == c).mean()) for c in np.unique(truth)}
+        return {"accuracy": float((pred == truth).mean()), "n": int(len(truth)), "head_version": version,
+                "per_class_accuracy": per_class}
+
+    def verify(self) -> dict[str, Any]:
+        """Run the bundle's golden inputs through this device's runtime and compare with the host's embeddings.
+
+        (File sizes and sha256 were already checked when the bundle was loaded.) Raises :class:`BundleError` on a
+        mismatch; returns the measured error otherwise.
+        """
+        golden = self.bundle.golden()
+        if golden is None:
+            return {"golden": "absent"}
+        inputs, expected, tolerance = golden
+        from edgetl.metrics import compare_embeddings
+
+        report = compare_embeddings(expected, self.embed_arrays(inputs))
+        if report["max_abs_diff"] > tolerance["max_abs"] or report["min_cosine"] < tolerance["min_cosine"]:
+            raise BundleError(f"golden vectors fail on this device's {self.backend} runtime: max abs diff "
+                              f"{report['max_abs_diff']:.2e} (limit {tolerance['max_abs']:.0e}), min cosine "
+                              f"{report['min_cosine']:.6f}; the runtime or the extractor file is wrong for this bundle")
+        return {"golden": "ok", "n": int(len(inputs))} | report
+
+    def info(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        version = self.current_version()
+        current: dict[str, Any] | None = None
+        if version and version != "bundle":
+            current = _read_json(self._heads_dir / version / "meta.json")
+        return {"bundle": str(self.bundle.path), "schema_version": m["schema_version"],
+                "edgetl_version": m.get("edgetl_version"), "backbone": m["backbone"], "feature_dim": m["feature_dim"],
+                "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
+                "current_head": version, "current_head_meta": current}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StateError(f"device state file {path} is unreadable ({exc}); roll back or retrain") from exc
+
+
+__all__ = ["DeviceRuntime", "TrainReport"]

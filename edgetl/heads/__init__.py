@@ -1,0 +1,20 @@
+"""numpy heads trained on frozen embeddings; one contract (:class:`~edgetl.heads.base.Head`), one table of kinds."""
+
+from __future__ import annotations
+
+from edgetl.heads.base import Head, load_head
+from edgetl.heads.softmax import SoftmaxHead
+
+HEADS: dict[str, type[Head]] = {SoftmaxHead.kind: SoftmaxHead}
+
+
+def make_head(kind: str, **params: object) -> Head:
+    """A new, unfitted head of ``kind`` (one of :data:`HEADS`)."""
+    from edgetl.errors import DataError
+
+    if kind not in HEADS:
+        raise DataError(f"unknown head {kind!r}; known: {', '.join(HEADS)}")
+    return HEADS[kind](**params)  # type: ignore[arg-type]
+
+
+__all__ = ["HEADS", "Head", "SoftmaxHead", "load_head", "make_head"]

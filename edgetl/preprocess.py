@@ -1,0 +1,78 @@
+"""The one preprocessing implementation, shared by the host (training, calibration, parity) and the device.
+
+An image (PIL image or HxWxC uint8 array) becomes a float32 ``(3, S, S)`` array: convert to RGB, resize the shorter side
+to ``resize``, centre-crop ``input_size``, then ``(pixel / scale - mean) / std``, channels first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgetl.errors import DataError
+
+if TYPE_CHECKING:
+    from edgetl.registry import Preprocessing
+
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def to_rgb(image: Any) -> Any:
+    """Return a PIL RGB image from a PIL image of any mode (L, LA, P, RGBA, I;16, CMYK …) or a uint8 array.
+
+    Transparent pixels are composed over white so that RGBA and palette images with transparency look as displayed.
+    """
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            raise DataError(f"expected a uint8 image array, found dtype {array.dtype}; convert it with .astype(np.uint8)")
+        if array.ndim == 2:
+            image = Image.fromarray(array, mode="L")
+        elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
+            image = Image.fromarray(array.squeeze(2) if array.shape[2] == 1 else array)
+        else:
+            raise DataError(f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), found {array.shape}")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def preprocess_image(image: Any, pp: Preprocessing) -> npt.NDArray[np.float32]:
+    """One image → float32 array of shape ``(3, S, S)`` (``S = pp.input_size``)."""
+    from PIL import Image
+
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    if width < 1 or height < 1:
+        raise DataError(f"image has no pixels ({width}x{height})")
+    ratio = pp.resize / min(width, height)
+    new_w, new_h = max(pp.input_size, round(width * ratio)), max(pp.input_size, round(height * ratio))
+    rgb = rgb.resize((new_w, new_h), resample=Image.Resampling(_RESAMPLE.get(pp.interpolation, 2)))
+    left, top = (new_w - pp.input_size) // 2, (new_h - pp.input_size) // 2
+    rgb = rgb.crop((left, top, left + pp.input_size, top + pp.input_size))
+    array = np.asarray(rgb, dtype=np.float32)  # (S, S, 3)
+    if pp.channels.upper() == "BGR":
+        array = array[:, :, ::-1]
+    scale = np.float32(pp.scale)
+    mean = np.asarray(pp.mean, dtype=np.float32)
+    std = np.asarray(pp.std, dtype=np.float32)
+    array = (array / scale - mean) / std
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def preprocess_batch(images: list[Any], pp: Preprocessing) -> npt.NDArray[np.float32]:
+    """Several images → float32 array ``(N, 3, S, S)``, written in place into one buffer."""
+    out = np.empty((len(images), 3, pp.input_size, pp.input_size), dtype=np.float32)
+    for i, image in enumerate(images):
+        out[i] = preprocess_image(image, pp)
+    return out

@@ -1,0 +1,66 @@
+"""On-device embedding store: a cache of embeddings keyed by the image's content hash, one file per extractor sha256
+so that embeddings of different extractors (FP32 vs INT8, old vs new bundle) never mix. float16 on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from edgetl._atomic import atomic_write
+
+
+def content_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (renaming or moving an image keeps its cached embedding)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EmbeddingStore:
+    """Embeddings of one extractor, held in memory and persisted to ``folder/<extractor sha256[:16]>.npz``."""
+
+    def __init__(self, folder: Path, extractor_sha256: str):
+        self.path = folder / f"{extractor_sha256[:16]}.npz"
+        self._index: dict[str, int] = {}
+        self._rows: list[np.ndarray] = []
+        self._dirty = False
+        if self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    keys, emb = data["keys"], data["embeddings"]
+                self._rows = list(emb)
+                self._index = {str(k): i for i, k in enumerate(keys)}
+            except (OSError, ValueError, KeyError, EOFError):
+                # a damaged cache is only a cache: start again, the images are re-embedded
+                self._index, self._rows = {}, []
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: str) -> npt.NDArray[np.float32] | None:
+        i = self._index.get(key)
+        return None if i is None else self._rows[i].astype(np.float32)
+
+    def put(self, key: str, embedding: np.ndarray) -> None:
+        row = np.asarray(embedding, dtype=np.float16)
+        if key in self._index:
+            self._rows[self._index[key]] = row
+        else:
+            self._index[key] = len(self._rows)
+            self._rows.append(row)
+        self._dirty = True
+
+    def save(self) -> None:
+        """Persist atomically (no-op when nothing changed)."""
+        if not self._dirty:
+            return
+        keys = np.array(list(self._index), dtype="U64")
+        emb = np.stack(self._rows) if self._rows else np.zeros((0, 0), dtype=np.float16)
+        atomic_write(self.path, lambda fh: np.savez(fh, keys=keys, embeddings=emb))
+        self._dirty = False

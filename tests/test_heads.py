@@ -1,0 +1,76 @@
+"""The head contract, run over every registered head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetl.errors import DataError, NotFittedError
+from edgetl.heads import HEADS, load_head, make_head
+
+
+def clusters(n_per_class: int = 60, classes: int = 4, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, dim))
+    X = np.concatenate([c + rng.normal(0, 1, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    return X, np.repeat(np.arange(classes), n_per_class)
+
+
+@pytest.fixture(params=sorted(HEADS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_unfitted_raises(kind: str) -> None:
+    with pytest.raises(NotFittedError):
+        make_head(kind).predict(np.zeros((1, 4), dtype=np.float32))
+
+
+def test_fit_predict_on_separable_clusters(kind: str) -> None:
+    X, y = clusters()
+    head = make_head(kind, seed=0)
+    assert head.fit(X, y) is head
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(X), 4)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    # a held-out draw from the same clusters (different noise)
+    X2, y2 = clusters(seed=0)[0][::2] + np.random.default_rng(5).normal(0, 0.5, (120, 32)).astype(np.float32), y[::2]
+    assert (head.predict(X2) == y2).mean() > 0.95
+
+
+def test_save_load_roundtrip(kind: str, tmp_path: Path) -> None:
+    X, y = clusters()
+    head = make_head(kind, seed=0).fit(X, y)
+    head.save(tmp_path / "h.npz")
+    again = load_head(tmp_path / "h.npz")
+    assert type(again) is type(head)
+    np.testing.assert_array_equal(again.predict_proba(X), head.predict_proba(X))
+    with np.load(tmp_path / "h.npz", allow_pickle=False) as data:  # no pickled object inside
+        assert all(data[k].dtype != object for k in data.files)
+
+
+def test_rejects_one_class_and_bad_shapes(kind: str) -> None:
+    X, _ = clusters()
+    with pytest.raises(DataError, match="two classes"):
+        make_head(kind).fit(X, np.zeros(len(X), dtype=np.int64))
+    with pytest.raises(DataError, match="labels"):
+        make_head(kind).fit(X, np.zeros(3, dtype=np.int64))
+    head = make_head(kind).fit(*clusters())
+    with pytest.raises(DataError, match="features"):
+        head.predict(np.zeros((2, 7), dtype=np.float32))
+    with pytest.raises(DataError, match="NaN"):
+        head.predict(np.full((2, 32), np.nan, dtype=np.float32))
+
+
+def test_deterministic_with_seed(kind: str) -> None:
+    X, y = clusters()
+    a = make_head(kind, seed=3).fit(X, y).predict_proba(X)
+    b = make_head(kind, seed=3).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_head() -> None:
+    with pytest.raises(DataError, match="unknown head"):
+        make_head("forest")

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (tools/setup.sh) and run the test suite. Extra arguments go to pytest, e.g. `-m slow` for the long ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh >/dev/null
+exec .venv/bin/python -m pytest "$@"
