@@ -33,6 +33,7 @@ class ExtractorEntry:
     output_name: str
     layout: str
     report: dict[str, Any]
+    raw: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class Bundle:
 
     def extractors(self) -> list[ExtractorEntry]:
         return [ExtractorEntry(e["file"], e["format"], e["precision"], e["input_name"], e["output_name"],
-                               e.get("layout", "NCHW"), e.get("report", {})) for e in self.manifest["extractors"]]
+                               e.get("layout", "NCHW"), e.get("report", {}), e) for e in self.manifest["extractors"]]
 
     def extractor(self, fmt: str = "onnx", precision: str = "fp32") -> ExtractorEntry:
         for entry in self.extractors():
@@ -132,13 +133,16 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self._member(name)
 
-    def golden(self) -> tuple[np.ndarray, np.ndarray, dict[str, float]] | None:
-        """Reference inputs ``(K, 3, S, S)``, the host's embeddings ``(K, D)`` and tolerances, if packed."""
-        entry = self.manifest.get("golden")
-        if not entry:
+    def golden(self, entry: ExtractorEntry) -> tuple[np.ndarray, np.ndarray, dict[str, float]] | None:
+        """Reference inputs ``(K, 3, S, S)``, the host's output of ``entry``'s graph ``(K, D)`` and the tolerance."""
+        meta, spec = self.manifest.get("golden"), entry.raw.get("golden")
+        if not meta or not spec:
             return None
-        with np.load(self.file(entry["file"]), allow_pickle=False) as data:
-            return data["inputs"], data["embeddings"], dict(entry["tolerance"])
+        try:
+            with np.load(self.file(meta["file"]), allow_pickle=False) as data:
+                return data[meta.get("inputs", "inputs")], data[spec["key"]], dict(spec["tolerance"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"golden vectors of {entry.file} are unreadable ({exc}); re-export the bundle") from exc
 
 
 def file_entry(path: Path) -> dict[str, Any]:

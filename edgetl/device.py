@@ -23,6 +23,7 @@ from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
 from edgetl.preprocess import preprocess_image
 from edgetl.runtime import FeatureExtractor, load_extractor
+from edgetl.selection import choose
 from edgetl.store import EmbeddingStore, content_hash
 
 log = logging.getLogger(__name__)
@@ -54,21 +55,27 @@ class DeviceRuntime:
     The extractor session is created on first use and reused for the life of the object.
     """
 
-    def __init__(self, bundle: str | os.PathLike[str], backend: str = "onnx", precision: str = "fp32",
-                 threads: int | None = None, batch_size: int = 32):
+    def __init__(self, bundle: str | os.PathLike[str], backend: str | None = None, precision: str | None = None,
+                 profile: str | None = None, threads: int | None = None, batch_size: int | None = None):
         self.bundle = Bundle.load(bundle)
-        self.backend = backend
-        self.entry = self.bundle.extractor(backend, precision)
+        choice = choose(self.bundle, backend, precision, profile, threads)
+        self.profile = choice.profile
+        self.entry = choice.entry
+        self.backend = choice.entry.format
+        self.precision = choice.entry.precision
+        self.threads = choice.threads
+        self.providers = choice.providers
+        self.batch_size = batch_size or choice.profile.batch_size or 32
         self.extractor_sha256 = self.bundle.sha256(self.entry.file)
-        self.threads = threads
-        self.batch_size = batch_size
         self._extractor: FeatureExtractor | None = None
 
     # ------------------------------------------------------------------------------------------------------ embedding
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), threads=self.threads)
+            options = {"providers": self.providers} if self.providers else {}
+            self._extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
+                                             threads=self.threads, **options)
         return self._extractor
 
     def embed_arrays(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -224,18 +231,18 @@ class DeviceRuntime:
         (File sizes and sha256 were already checked when the bundle was loaded.) Raises :class:`BundleError` on a
         mismatch; returns the measured error otherwise.
         """
-        golden = self.bundle.golden()
+        golden = self.bundle.golden(self.entry)
         if golden is None:
             return {"golden": "absent"}
         inputs, expected, tolerance = golden
         from edgetl.metrics import compare_embeddings
 
         report = compare_embeddings(expected, self.embed_arrays(inputs))
-        if report["max_abs_diff"] > tolerance["max_abs"] or report["min_cosine"] < tolerance["min_cosine"]:
-            raise BundleError(f"golden vectors fail on this device's {self.backend} runtime: max abs diff "
-                              f"{report['max_abs_diff']:.2e} (limit {tolerance['max_abs']:.0e}), min cosine "
-                              f"{report['min_cosine']:.6f}; the runtime or the extractor file is wrong for this bundle")
-        return {"golden": "ok", "n": int(len(inputs))} | report
+        if report["max_abs_diff"] > tolerance.get("max_abs", np.inf) or report["min_cosine"] < tolerance["min_cosine"]:
+            raise BundleError(f"golden vectors fail for {self.entry.file} on this device's {self.backend} runtime: max "
+                              f"abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} (limits "
+                              f"{tolerance}); the runtime or the extractor file is wrong for this bundle")
+        return {"golden": "ok", "n": int(len(inputs)), "extractor": self.entry.file} | report
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest
@@ -243,7 +250,9 @@ class DeviceRuntime:
         current: dict[str, Any] | None = None
         if version and version != "bundle":
             current = _read_json(self._heads_dir / version / "meta.json")
-        return {"bundle": str(self.bundle.path), "schema_version": m["schema_version"],
+        return {"bundle": str(self.bundle.path), "schema_version": m["schema_version"], "profile": self.profile.id,
+                "selected": {"file": self.entry.file, "backend": self.backend, "precision": self.precision,
+                             "threads": self.threads},
                 "edgetl_version": m.get("edgetl_version"), "backbone": m["backbone"], "feature_dim": m["feature_dim"],
                 "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
                 "current_head": version, "current_head_meta": current}

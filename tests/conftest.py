@@ -23,15 +23,14 @@ def demo_test() -> Path:
 
 
 @pytest.fixture(scope="session")
-def _pretrained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_test: Path) -> Path:
+def _pretrained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_train: Path) -> Path:
     """A real bundle: MobileNetV2 with its ImageNet weights, exported to ONNX at 64 px and checked against PyTorch."""
     if not HAS_TORCH:
         pytest.skip("needs the host extra (torch) to export a bundle")
-    from edgetl.data import scan_image_folder
     from edgetl.host.export import export
 
     out = tmp_path_factory.mktemp("bundles") / "mnv2-64"
-    return export(out, scan_image_folder(demo_test).paths[::10], model="mobilenet_v2", image_size=SMALL)
+    return export(out, demo_train, model="mobilenet_v2", image_size=SMALL, calib_size=20, eval_size=60)
 
 
 @pytest.fixture()

@@ -19,7 +19,8 @@ def test_bundle_manifest(bundle: Path) -> None:
     assert b.manifest["schema_version"] == 1 and b.feature_dim == 1280
     entry = b.extractor("onnx", "fp32")
     assert b.manifest["files"][entry.file]["sha256"] == b.sha256(entry.file)
-    assert b.manifest["extractors"][0]["report"]["max_abs_diff"] < 1e-3
+    assert b.manifest["validation"]["max_abs_diff"] < 1e-3
+    assert b.manifest["extractors"][0]["report"]["passed"]
     assert b.preprocessing.input_size == 64
 
 

@@ -51,7 +51,7 @@ def test_device_train_predict_evaluate_info(bundle: Path, demo_train: Path, demo
     code, out, _ = run("device", "info", str(bundle))
     assert code == 0 and "current head v0001" in out and "mobilenet_v2" in out
     code, out, _ = run("device", "verify", str(bundle))
-    assert code == 0 and "golden vectors ok" in out
+    assert code == 0 and "golden vectors of extractor.onnx ok" in out
 
 
 def test_missing_bundle(tmp_path: Path) -> None:

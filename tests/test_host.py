@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import HAS_TORCH
+from tests.conftest import HAS_TORCH, make_folder
 
 pytestmark = [pytest.mark.host, pytest.mark.skipif(not HAS_TORCH, reason="needs the host extra (torch)")]
 
@@ -42,15 +42,16 @@ def test_onnx_parity_on_real_images(name: str, tmp_path: Path, demo_test: Path) 
     from edgetl.device import DeviceRuntime
     from edgetl.host.export import export
 
-    photos = []
-    for i, image in enumerate([skimage.data.chelsea(), skimage.data.astronaut(), skimage.data.coffee()]):
-        photos.append(tmp_path / f"photo{i}.png")
-        Image.fromarray(image).save(photos[-1])
-    images = photos + scan_image_folder(demo_test).paths[::20]
-    bundle = Bundle.load(export(tmp_path / "b", images, model=name))
-    report = bundle.manifest["extractors"][0]["report"]
-    assert report["n_images"] == len(images)
+    data = make_folder(tmp_path / "data", {c: 4 for c in scan_image_folder(demo_test).classes}, demo_test)
+    (data / "photo").mkdir()
+    for i, image in enumerate([skimage.data.chelsea(), skimage.data.astronaut(), skimage.data.coffee(),
+                               skimage.data.rocket()]):
+        Image.fromarray(image).save(data / "photo" / f"photo{i}.png")
+    bundle = Bundle.load(export(tmp_path / "b", data, model=name, calib_size=11))
+    report = bundle.manifest["validation"]
+    assert report["n_images"] == 44 - 11  # every held-out image, the photos among them
     assert report["max_abs_diff"] < 1e-3 and report["min_cosine"] > 0.9999
+    assert bundle.manifest["extractors"][0]["report"]["passed"]
     # the device's own runtime reproduces the host's golden embeddings
     assert DeviceRuntime(bundle.path).verify()["max_abs_diff"] < 1e-3
 
@@ -80,7 +81,7 @@ def test_export_refuses_existing_folder(tmp_path: Path, demo_test: Path) -> None
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(BundleError, match="--force"):
-        export(tmp_path / "b", sorted(demo_test.glob("*/*.png"))[:2], model="mobilenet_v2")
+        export(tmp_path / "b", demo_test, model="mobilenet_v2")
     assert (tmp_path / "b" / "keep.txt").exists()
 
 

@@ -15,16 +15,21 @@ _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
 
 
 def _runtime_options(f: Any) -> Any:
-    f = click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True,
-                     help="Inference runtime.")(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: all).")(f)
+    f = click.option("--backend", type=click.Choice(["onnx", "openvino", "tflite"]), default=None,
+                     help="Inference runtime (default: the profile's preference among those installed).")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+                     help="Extractor precision (default: the profile's).")(f)
+    f = click.option("--profile", default=None, help="Device profile (default: detected).")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Runtime threads (default: the profile's, else all).")(f)
     return f
 
 
-def _open(bundle: Path, backend: str, threads: int | None) -> Any:
+def _open(bundle: Path, opts: dict[str, Any]) -> Any:
     from edgetl.device import DeviceRuntime
 
-    return DeviceRuntime(bundle, backend=backend, threads=threads)
+    return DeviceRuntime(bundle, backend=opts["backend"], precision=opts["precision"], profile=opts["profile"],
+                         threads=opts["threads"])
 
 
 @click.group()
@@ -43,9 +48,9 @@ def device() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
 def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, as_json: bool, quiet: bool,
-          backend: str, threads: int | None) -> None:
+          **opts: Any) -> None:
     """Embed local images (cached) and train a new head version."""
-    rt = _open(bundle, backend, threads)
+    rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
         report = rt.train(data_dir, head=head, val_split=val_split, seed=seed, progress=progress)
     if as_json:
@@ -63,10 +68,9 @@ def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, 
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @_runtime_options
-def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, backend: str,
-            threads: int | None) -> None:
+def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, **opts: Any) -> None:
     """Classify image files with the current head."""
-    results = _open(bundle, backend, threads).predict(list(paths), top_k=top_k)
+    results = _open(bundle, opts).predict(list(paths), top_k=top_k)
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
@@ -81,9 +85,9 @@ def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, ba
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
-def evaluate(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, backend: str, threads: int | None) -> None:
+def evaluate(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any) -> None:
     """Accuracy of the current head on labelled images."""
-    rt = _open(bundle, backend, threads)
+    rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
         result = rt.evaluate(data_dir, progress=progress)
     if as_json:
@@ -97,34 +101,33 @@ def evaluate(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, backend: 
 @device.command()
 @_bundle_arg
 @click.option("--json", "as_json", is_flag=True)
-def info(bundle: Path, as_json: bool) -> None:
-    """Show what a bundle holds and which head is current (files are verified first)."""
-    from edgetl.device import DeviceRuntime
+@_runtime_options
+def info(bundle: Path, as_json: bool, **opts: Any) -> None:
+    """Show what a bundle holds, its accuracy report, which extractor runs here and which head is current."""
+    from edgetl.cli._tables import extractor_table
 
-    data = DeviceRuntime(bundle).info()
+    data = _open(bundle, opts).info()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    b = data["backbone"]
-    pp = data["preprocessing"]
+    b, pp, sel = data["backbone"], data["preprocessing"], data["selected"]
     click.echo(f"bundle       {data['bundle']} (schema {data['schema_version']}, edgetl {data['edgetl_version']})")
     click.echo(f"backbone     {b['id']} ({b['source']}), {data['feature_dim']}-d embeddings, {pp['input_size']} px")
-    for e in data["extractors"]:
-        r = e.get("report", {})
-        click.echo(f"extractor    {e['file']}: {e['format']}/{e['precision']}, max abs diff vs PyTorch "
-                   f"{r.get('max_abs_diff', float('nan')):.2e} on {r.get('n_images', 0)} images")
+    click.echo(f"selected     {sel['file']} ({sel['backend']}/{sel['precision']}, profile {data['profile']}, "
+               f"threads {sel['threads'] or 'all'})")
     click.echo(f"labels       {', '.join(data['labels'] or []) or '(none: train a head on the device)'}")
     click.echo(f"current head {data['current_head'] or '(none)'}")
+    click.echo(extractor_table(data["extractors"]))
 
 
 @device.command()
 @_bundle_arg
 @_runtime_options
-def verify(bundle: Path, backend: str, threads: int | None) -> None:
+def verify(bundle: Path, **opts: Any) -> None:
     """Check every file's sha256 and run the golden vectors through this device's runtime."""
-    result = _open(bundle, backend, threads).verify()
+    result = _open(bundle, opts).verify()
     if result["golden"] == "absent":
         click.echo(f"{bundle}: files ok; no golden vectors packed")
     else:
-        click.echo(f"{bundle}: files ok; golden vectors ok on {backend} (max abs diff {result['max_abs_diff']:.2e}, "
-                   f"min cosine {result['min_cosine']:.6f})")
+        click.echo(f"{bundle}: files ok; golden vectors of {result['extractor']} ok on this device (max abs diff "
+                   f"{result['max_abs_diff']:.2e}, min cosine {result['min_cosine']:.6f})")

@@ -41,38 +41,51 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
     click.echo(f"wrote {out} ({metrics['seconds']} s)")
 
 
-def _validation_images(folder: Path, limit: int) -> list[Path]:
-    """Up to ``limit`` images spread evenly over an ImageFolder."""
-    from edgetl.data import scan_image_folder
-
-    paths = scan_image_folder(folder, min_classes=1).paths
-    step = max(1, len(paths) // limit)
-    return paths[::step][:limit]
-
-
 @click.command()
 @click.option("--model", default=None, help="Registry backbone id (pretrained extractor).")
 @click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path), help="Fine-tune run folder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
-@click.option("--val-data", type=click.Path(path_type=Path), default=None,
-              help="ImageFolder of real images for the PyTorch parity check (default: the run's data, else the "
-                   "embedded demo set).")
-@click.option("--val-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "openvino", "tflite"]),
+              help="Graph format; repeat for several (default: onnx, or the --profile's backends).")
+@click.option("--quantize", "precisions", multiple=True, type=click.Choice(["none", "fp16", "int8"]),
+              help="Precision; repeat for several (default: none = FP32, or the --profile's precision).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Labelled ImageFolder of real images: calibration + held-out accuracy gate (default: the run's "
+                   "training data, else the embedded demo set).")
+@click.option("--calib-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Images used to calibrate INT8; the rest are held out for the gate.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Largest accuracy drop (points) a reduced-precision graph may show against PyTorch FP32.")
+@click.option("--keep-failed", is_flag=True, help="Keep graphs that fail the gate, marked failed.")
+@click.option("--profile", default=None, help="Device profile (devices/*.toml) choosing default formats/precision.")
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (pretrained export only).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
-def export(model: str | None, run_dir: Path | None, out: Path, val_data: Path | None, val_size: int,
-           image_size: int | None, opset: int, force: bool) -> None:
-    """Export the frozen feature extractor to ONNX, check it against PyTorch, and pack a bundle."""
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
+           calib: Path | None, calib_size: int, max_drop: float, keep_failed: bool, profile: str | None,
+           image_size: int | None, opset: int, force: bool, quiet: bool) -> None:
+    """Export the frozen feature extractor (ONNX FP32 reference + every format/precision asked for), gate each graph
+    on accuracy against PyTorch, and pack a bundle."""
+    from edgetl.cli._tables import extractor_table
     from edgetl.demo import demo_split
     from edgetl.host.export import export as run_export
 
-    if val_data is None and run_dir is not None and (run_dir / "run.json").is_file():
-        val_data = Path(json.loads((run_dir / "run.json").read_text())["data"])
-    if val_data is None or not val_data.is_dir():
-        val_data = demo_split("test")
-    bundle = run_export(out, _validation_images(val_data, val_size), model=model, run=run_dir,
-                        image_size=image_size, opset=opset, force=force)
-    report = json.loads((bundle / "manifest.json").read_text())["extractors"][0]["report"]
-    click.echo(f"exported {bundle}: ONNX vs PyTorch on {report['n_images']} images, max abs diff "
-               f"{report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f}")
+    if profile:
+        from edgetl.profiles import get_profile
+
+        prof = get_profile(profile)
+        formats = formats or prof.backends
+        precisions = precisions or (prof.precision,)
+    precisions = tuple("fp32" if p == "none" else p for p in precisions) or ("fp32",)
+    if calib is None and run_dir is not None and (run_dir / "run.json").is_file():
+        calib = Path(json.loads((run_dir / "run.json").read_text())["data"])
+    if calib is None or not calib.is_dir():
+        calib = demo_split("train")
+    with progress_bars(not quiet) as progress:
+        bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",), precisions=precisions,
+                            calib_size=calib_size, max_drop=max_drop, keep_failed=keep_failed, image_size=image_size,
+                            opset=opset, force=force, progress=progress)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    click.echo(f"exported {bundle} ({manifest['backbone']['id']}, {manifest['preprocessing']['input_size']} px)")
+    click.echo(extractor_table(manifest["extractors"]))

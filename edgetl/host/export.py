@@ -1,4 +1,9 @@
-"""Export the frozen feature extractor to ONNX, validate it against PyTorch on real images and pack a bundle."""
+"""Export the frozen feature extractor in every format and precision asked for, gate each graph on accuracy against
+PyTorch on real held-out images, and pack a bundle.
+
+The FP32 ONNX graph is always written: it is the reference every other graph is compared with, and the portable
+fallback on any device.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +22,35 @@ import torch
 
 from edgetl import __version__
 from edgetl.bundle import MANIFEST, SCHEMA_VERSION, Bundle, file_entry
-from edgetl.data import load_image
+from edgetl.data import ImageFolder, load_image, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, DataError, ExportValidationError
 from edgetl.heads import SoftmaxHead
-from edgetl.metrics import compare_embeddings
 from edgetl.host.backbone import Backbone, build_backbone
+from edgetl.host.convert import ExportContext, converter
 from edgetl.host.finetune import load_run
+from edgetl.metrics import compare_embeddings
 from edgetl.preprocess import preprocess_batch
 from edgetl.registry import BackboneSpec, Preprocessing, get_backbone
+from edgetl.runtime import load_extractor
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
-#: FP32 parity: a graph must match PyTorch within these on every validation image
+#: FP32 parity with PyTorch on every held-out image
 FP32_TOLERANCE = {"max_abs": 1e-3, "min_cosine": 0.9999}
+#: device-side golden check: the device's runtime must reproduce the host's output of the same graph
+GOLDEN_TOLERANCE = {"fp32": {"max_abs": 1e-3, "min_cosine": 0.9999}, "fp16": {"min_cosine": 0.999},
+                    "int8": {"min_cosine": 0.99}}
 GOLDEN_COUNT = 2
+Progress = Callable[[str, int, int], None]
+
+
+class QuantizationAccuracyError(ExportValidationError):
+    """A reduced-precision graph lost more accuracy than allowed; ``report`` holds the per-graph figures."""
+
+    def __init__(self, message: str, report: list[dict[str, Any]]):
+        super().__init__(message)
+        self.report = report
 
 
 def export_onnx(features: torch.nn.Module, path: Path, input_size: int, opset: int = 17) -> None:
@@ -45,25 +65,60 @@ def export_onnx(features: torch.nn.Module, path: Path, input_size: int, opset: i
                           dynamo=False, do_constant_folding=True)
 
 
-def _onnx_embed(path: Path, batch: np.ndarray) -> np.ndarray:
-    from edgetl.runtime.onnx import OnnxExtractor
-
-    return OnnxExtractor(path).embed(batch)
-
-
 def validate_onnx(features: torch.nn.Module, path: Path, batch: np.ndarray,
                   tolerance: dict[str, float] = FP32_TOLERANCE) -> dict[str, Any]:
     """Run PyTorch and ONNX Runtime on the same real images; raise :class:`ExportValidationError` when they differ."""
     with torch.no_grad():
         reference = features.eval()(torch.from_numpy(batch)).numpy()
-    report = compare_embeddings(reference, _onnx_embed(path, batch)) | {"n_images": int(len(batch))}
+    report = compare_embeddings(reference, load_extractor("onnx", path).embed(batch)) | {"n_images": int(len(batch))}
     if report["max_abs_diff"] > tolerance["max_abs"] or report["min_cosine"] < tolerance["min_cosine"]:
         raise ExportValidationError(
             f"ONNX extractor differs from PyTorch: max abs diff {report['max_abs_diff']:.2e} (limit "
             f"{tolerance['max_abs']:.0e}), min cosine {report['min_cosine']:.6f} (limit {tolerance['min_cosine']}); "
             "check the opset and the model's export support")
-    report["reference"] = reference  # popped by the caller; kept for the golden vectors
     return report
+
+
+def _embed(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def _cv_accuracy(X: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
+    """Mean 5-fold accuracy of the device's softmax head on these embeddings (held-out images only)."""
+    correct = 0
+    for f in np.unique(folds):
+        train, test = folds != f, folds == f
+        head = SoftmaxHead().fit(X[train], y[train])
+        correct += int((head.predict(X[test]) == y[test]).sum())
+    return correct / len(y)
+
+
+class _Gate:
+    """Accuracy gate for every graph, on real held-out images the quantizers never saw."""
+
+    def __init__(self, features: torch.nn.Module, calib: np.ndarray, calib_labels: np.ndarray, held: np.ndarray,
+                 held_labels: np.ndarray, seed: int):
+        with torch.no_grad():
+            torch_fn = lambda b: features(torch.from_numpy(b)).numpy()  # noqa: E731
+            self.ref_calib = _embed(torch_fn, calib)
+            self.ref_held = _embed(torch_fn, held)
+        self.held, self.labels = held, held_labels
+        self.folds = np.random.default_rng(seed).permutation(len(held)) % 5
+        self.reference_head = SoftmaxHead().fit(self.ref_calib, calib_labels)
+        self.ref_pred = self.reference_head.predict(self.ref_held)
+        self.ref_accuracy = _cv_accuracy(self.ref_held, held_labels, self.folds)
+
+    def measure(self, extractor: Any) -> dict[str, Any]:
+        emb = _embed(extractor.embed, self.held)
+        cos = compare_embeddings(self.ref_held, emb)
+        ref = self.ref_held.astype(np.float64)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1)
+        accuracy = _cv_accuracy(emb, self.labels, self.folds)
+        return {"max_abs_diff": cos["max_abs_diff"], "min_cosine": cos["min_cosine"],
+                "mean_cosine": float(((ref * emb).sum(axis=1) / np.maximum(norms, 1e-12)).mean()),
+                "top1_agreement": float((self.reference_head.predict(emb) == self.ref_pred).mean()),
+                "accuracy": accuracy, "accuracy_pytorch_fp32": self.ref_accuracy,
+                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": int(len(self.held))}
 
 
 def _source(model: str | None, run: str | os.PathLike[str] | None, image_size: int | None
@@ -81,42 +136,90 @@ def _source(model: str | None, run: str | os.PathLike[str] | None, image_size: i
     return build_backbone(spec), spec, pp, None, {"id": spec.id, "source": "pretrained"}
 
 
-def export(out: str | os.PathLike[str], validation_images: Sequence[str | os.PathLike[str]], *,
-           model: str | None = None, run: str | os.PathLike[str] | None = None, image_size: int | None = None,
-           opset: int = 17, force: bool = False) -> Path:
+def _targets(formats: Sequence[str], precisions: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (format, precision) asked for, FP32 ONNX first; tflite has no fp16 graph (skipped with a warning)."""
+    targets = [("onnx", "fp32")]
+    for fmt in formats:
+        for prec in precisions:
+            if (fmt, prec) == ("tflite", "fp16"):
+                log.warning("tflite/fp16 is not exported (no fp16 path in ai-edge-quantizer for this model); skipped")
+                continue
+            if (fmt, prec) not in targets:
+                targets.append((fmt, prec))
+    return targets
+
+
+def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFolder, *,
+           model: str | None = None, run: str | os.PathLike[str] | None = None,
+           formats: Sequence[str] = ("onnx",), precisions: Sequence[str] = ("fp32",), calib_size: int = 64,
+           eval_size: int = 300, max_drop: float = 1.0, keep_failed: bool = False, image_size: int | None = None,
+           opset: int = 17, force: bool = False, seed: int = 0, progress: Progress | None = None) -> Path:
     """Export the frozen extractor of a registry backbone (``model``) or a fine-tuned ``run`` into a bundle at ``out``.
 
-    ``validation_images``: real images (at least 2) on which the ONNX graph must match PyTorch. Returns the bundle path.
+    ``calib``: a labelled ImageFolder of real images. A stratified part (``calib_size`` images) calibrates the INT8
+    quantizers; the rest (up to ``eval_size``) is held out for the FP32 parity check and the accuracy gate: every
+    FP16/INT8 graph whose held-out accuracy (5-fold, device softmax head) falls more than ``max_drop`` points below
+    PyTorch FP32 raises :class:`QuantizationAccuracyError`, or is kept and marked failed with ``keep_failed``.
+    Returns the bundle path.
     """
+    progress = progress or (lambda stage, done, total: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-    if len(validation_images) < GOLDEN_COUNT:
-        raise DataError(f"export needs at least {GOLDEN_COUNT} real validation images, found {len(validation_images)}")
+    folder = calib if isinstance(calib, ImageFolder) else scan_image_folder(calib)
+    held_idx, calib_idx = stratified_split(folder.labels, min(0.5, calib_size / len(folder)), seed)
+    held_idx = held_idx[np.random.default_rng(seed).permutation(len(held_idx))[:eval_size]]
+    if len(held_idx) < 10 or len(calib_idx) < 2:
+        raise DataError(f"{folder.root} has {len(folder)} images; export needs at least 20 real labelled images to "
+                        "calibrate and check the graphs")
     backbone, spec, pp, classes, source = _source(model, run, image_size)
-    batch = preprocess_batch([load_image(p) for p in validation_images], pp)
+    targets = _targets(formats, precisions)
 
+    def load(indices: np.ndarray) -> np.ndarray:
+        return preprocess_batch([load_image(folder.samples[int(i)].path) for i in indices], pp)
+
+    calib_images, held_images = load(calib_idx), load(held_idx)
+    features = backbone.features.eval()
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    extractor_file = staging / "extractor.onnx"
-    start = time.perf_counter()
-    export_onnx(backbone.features, extractor_file, pp.input_size, opset)
-    report = validate_onnx(backbone.features, extractor_file, batch)
-    reference = report.pop("reference")
-    report["export_seconds"] = round(time.perf_counter() - start, 2)
-    np.savez(staging / "golden.npz", inputs=batch[:GOLDEN_COUNT], embeddings=reference[:GOLDEN_COUNT])
+    with tempfile.TemporaryDirectory(prefix="edgetl-export-") as scratch:
+        reference_onnx = Path(scratch) / "reference.onnx"
+        export_onnx(features, reference_onnx, pp.input_size, opset)
+        parity = validate_onnx(features, reference_onnx, held_images)
+        ctx = ExportContext(features, reference_onnx, pp.input_size, calib_images, Path(scratch))
+        gate = _Gate(features, calib_images, folder.labels[calib_idx], held_images, folder.labels[held_idx], seed)
+        golden_inputs = held_images[:GOLDEN_COUNT]
+        golden = {"inputs": golden_inputs, "pytorch": gate.ref_held[:GOLDEN_COUNT]}
+        entries, failures = [], []
+        for i, (fmt, prec) in enumerate(targets):
+            progress("export", i, len(targets))
+            entry, emb = _convert_one(ctx, staging, fmt, prec, gate, golden_inputs, max_drop)
+            golden.setdefault(entry["golden"]["key"], emb)
+            if not entry["report"]["passed"]:
+                failures.append(entry)
+                if not keep_failed:
+                    continue
+            entries.append(entry)
+        progress("export", len(targets), len(targets))
+    if failures and not keep_failed:
+        shutil.rmtree(staging, ignore_errors=True)
+        worst = ", ".join(f"{e['format']}/{e['precision']} {e['report']['reason']}" for e in failures)
+        raise QuantizationAccuracyError(f"export refused: {worst}; raise --max-drop, give more --calib images, or "
+                                        "pass --keep-failed to keep them marked failed",
+                                        [e["report"] | {"format": e["format"], "precision": e["precision"]}
+                                         for e in failures])
+    np.savez(staging / "golden.npz", **golden)
 
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "edgetl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backbone": source | {"architecture": spec.architecture, "weights_sha256": spec.weights_sha256},
         "feature_dim": spec.feature_dim, "preprocessing": pp.to_dict(),
-        "extractors": [{"file": "extractor.onnx", "format": "onnx", "precision": "fp32", "opset": opset,
-                        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "layout": "NCHW",
-                        "input_shape": ["batch", 3, pp.input_size, pp.input_size],
-                        "output_shape": ["batch", spec.feature_dim], "report": report}],
-        "golden": {"file": "golden.npz", "tolerance": FP32_TOLERANCE},
+        "extractors": entries,
+        "golden": {"file": "golden.npz", "inputs": "inputs", "count": GOLDEN_COUNT},
+        "validation": parity | {"calibration_images": int(len(calib_idx)), "data": str(folder.root),
+                                "max_drop_points": max_drop},
         "labels": classes, "head": None,
     }
     if classes is not None:
@@ -132,5 +235,37 @@ def export(out: str | os.PathLike[str], validation_images: Sequence[str | os.Pat
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
-    log.info("exported %s to %s (max abs diff %.2e)", spec.id, out, report["max_abs_diff"])
+    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"{f}/{p}" for f, p in targets))
     return out
+
+
+def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _Gate, golden_inputs: np.ndarray,
+                 max_drop: float) -> tuple[dict[str, Any], np.ndarray]:
+    """Write one graph into ``staging``, measure it with the device runtime, and return its manifest entry."""
+    fn, filename = converter(fmt, prec)
+    start = time.perf_counter()
+    settings = fn(ctx, staging / filename)
+    seconds = time.perf_counter() - start
+    companions = list(settings.pop("companions", []))
+    extractor = load_extractor(fmt, staging / filename, entry={"layout": settings.get("layout", "NCHW")})
+    report = gate.measure(extractor)
+    size = sum((staging / f).stat().st_size for f in [filename, *companions])
+    report |= {"size_bytes": size, "convert_seconds": round(seconds, 2)}
+    if prec == "fp32":
+        passed = report["max_abs_diff"] <= FP32_TOLERANCE["max_abs"] and \
+            report["min_cosine"] >= FP32_TOLERANCE["min_cosine"]
+        reason = f"max abs diff {report['max_abs_diff']:.2e} vs PyTorch (limit {FP32_TOLERANCE['max_abs']:.0e})"
+    else:
+        passed = report["drop_points"] <= max_drop
+        reason = f"accuracy drop {report['drop_points']:.2f} points (limit {max_drop})"
+    report |= {"passed": bool(passed), "reason": reason}
+    # FP32 graphs must reproduce PyTorch itself; reduced precisions their own host output (the device's runtime must
+    # compute what the host's did)
+    key = "pytorch" if prec == "fp32" else filename.replace(".", "_")
+    entry = {"file": filename, "format": fmt, "precision": prec, "companions": companions,
+             "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "layout": settings.get("layout", "NCHW"),
+             "input_shape": ["batch", 3, ctx.input_size, ctx.input_size], "quantization": settings, "report": report,
+             "golden": {"key": key, "tolerance": GOLDEN_TOLERANCE[prec]}}
+    if not passed:
+        entry["failed"] = True
+    return entry, _embed(extractor.embed, golden_inputs)

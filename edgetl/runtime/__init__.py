@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from edgetl.errors import BundleError
 from edgetl.runtime.base import FeatureExtractor
 
-#: backend → (module, class); the module is imported only when that backend is used
-BACKENDS: dict[str, tuple[str, str]] = {
-    "onnx": ("edgetl.runtime.onnx", "OnnxExtractor"),
+#: backend → (module, class, Python module of its engine, extra that installs it)
+BACKENDS: dict[str, tuple[str, str, str, str]] = {
+    "onnx": ("edgetl.runtime.onnx", "OnnxExtractor", "onnxruntime", "onnx"),
+    "openvino": ("edgetl.runtime.openvino", "OpenVinoExtractor", "openvino", "openvino"),
+    "tflite": ("edgetl.runtime.tflite", "TfliteExtractor", "ai_edge_litert", "tflite"),
 }
 
 
-def load_extractor(backend: str, path: Path, **options: Any) -> FeatureExtractor:
-    """Open the graph at ``path`` with ``backend`` (see :data:`BACKENDS`)."""
+def installed_backends() -> list[str]:
+    """Backends whose engine can be imported here (checked without importing it)."""
+    found = []
+    for name, (_, _, engine, _) in BACKENDS.items():
+        if importlib.util.find_spec(engine) is not None or (name == "tflite" and
+                                                             importlib.util.find_spec("tflite_runtime")):
+            found.append(name)
+    return found
+
+
+def load_extractor(backend: str, path: Path, *, entry: dict[str, Any] | None = None, threads: int | None = None,
+                   **options: Any) -> FeatureExtractor:
+    """Open the graph at ``path`` with ``backend`` (see :data:`BACKENDS`); ``entry`` is its manifest record."""
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    module, name = BACKENDS[backend]
+    module, name, _, _ = BACKENDS[backend]
     cls = getattr(importlib.import_module(module), name)
-    return cls(path, **options)
+    return cls(path, entry=entry or {}, threads=threads, **options)
 
 
-__all__ = ["BACKENDS", "FeatureExtractor", "load_extractor"]
+__all__ = ["BACKENDS", "FeatureExtractor", "installed_backends", "load_extractor"]

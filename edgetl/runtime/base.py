@@ -1,4 +1,10 @@
-"""The feature-extractor contract every runtime backend implements."""
+"""The feature-extractor contract every runtime backend implements.
+
+A backend class is constructed as ``cls(path, entry=<manifest record of the graph>, threads=<int or None>)``; it
+imports its engine inside ``__init__`` (raising :class:`~edgetl.errors.RuntimeMissingError` naming the extra to
+install when the engine is absent, :class:`~edgetl.errors.BundleError` when the graph cannot be loaded), creates its
+session once, and then serves any number of :meth:`embed` calls.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,22 @@ from abc import ABC, abstractmethod
 import numpy as np
 import numpy.typing as npt
 
+from edgetl.errors import DataError
+
 
 class FeatureExtractor(ABC):
-    """A frozen graph: preprocessed images ``(N, 3, S, S)`` float32 → embeddings ``(N, D)`` float32."""
+    """A frozen graph: preprocessed images ``(N, 3, S, S)`` float32 (NCHW) → embeddings ``(N, D)`` float32."""
 
     backend: str
 
     @abstractmethod
     def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+
+def check_batch(batch: np.ndarray, size: int | None) -> np.ndarray:
+    """A contiguous float32 ``(N, 3, S, S)`` batch, or a :class:`DataError` saying what was found."""
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if batch.ndim != 4 or batch.shape[1] != 3 or (size is not None and batch.shape[2:] != (size, size)):
+        want = f"(N, 3, {size}, {size})" if size else "(N, 3, S, S)"
+        raise DataError(f"extractor expects preprocessed input {want}, found {batch.shape}")
+    return batch

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edgetl.errors import BundleError, DataError, RuntimeMissingError
-from edgetl.runtime.base import FeatureExtractor
+from edgetl.errors import BundleError, RuntimeMissingError
+from edgetl.runtime.base import FeatureExtractor, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 class OnnxExtractor(FeatureExtractor):
     backend = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: Path, entry: dict[str, Any] | None = None, threads: int | None = None,
+                 providers: list[str] | None = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -29,22 +31,21 @@ class OnnxExtractor(FeatureExtractor):
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
         available = ort.get_available_providers()
-        chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
-        if providers and chosen != providers:
-            log.warning("execution providers %s not all available (have %s); using %s", providers, available, chosen)
+        wanted = list(providers or ["CPUExecutionProvider"])
+        chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        if chosen != wanted:
+            log.warning("execution providers %s not all available (have %s); using %s", wanted, available, chosen)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BundleError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]}); the graph is damaged "
                               "or needs a newer onnxruntime") from exc
+        self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.input_shape = inp.shape
+        self.size = inp.shape[2] if isinstance(inp.shape[2], int) else None
         self.output_name = self.session.get_outputs()[0].name
 
     def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        expected = self.input_shape[1:]
-        if batch.ndim != 4 or any(isinstance(e, int) and e != a for e, a in zip(expected, batch.shape[1:])):
-            raise DataError(f"extractor expects input (N, {', '.join(map(str, expected))}), found {batch.shape}")
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        batch = check_batch(batch, self.size)
+        return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)

@@ -1,0 +1,193 @@
+"""LiteRT (TFLite) converters: FP32 with litert-torch, static INT8 with ai-edge-quantizer.
+
+Each converter follows :data:`edgetl.host.convert.Converter`. The graph is converted from the PyTorch extractor
+(``ctx.features``), not from the ONNX reference: litert-torch lowers the module directly. It keeps the NCHW layout of
+the PyTorch module, input ``(1, 3, S, S)`` float32 → output ``(1, D)``. litert-torch cannot export a dynamic batch, so
+the graph has batch 1 and the device resizes the input tensor to its batch at run time
+(:class:`edgetl.runtime.tflite.TfliteExtractor`).
+
+The INT8 graph (recipe ``static_wi8_ai8``: int8 weights per channel, int8 activations calibrated on real images) also
+has int8 input and output; their scale and zero point are recorded in the returned settings, and the device runtime
+reads them from the graph itself. litert-torch, ai-edge-quantizer and ai-edge-litert are imported inside the
+functions, so a host without them only loses these formats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError
+from edgetl.host.convert import ExportContext
+
+log = logging.getLogger(__name__)
+
+#: ai-edge-quantizer recipe of :func:`to_int8` (a function of ``ai_edge_quantizer.recipe``)
+INT8_RECIPE = "static_wi8_ai8"
+#: intermediate FP32 graph that :func:`to_int8` writes into ``ctx.workdir``
+FP32_INTERMEDIATE = "tflite_fp32_for_int8.tflite"
+_INSTALL = "install the host extra: pip install 'edgetl[host]'"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the toolchains' console output: litert-torch's progress tree (unless the user asked for it through
+    ``LITERT_TORCH_SHOW_PROGRESS``), ai-edge-quantizer's tqdm bars and both libraries' Python warnings."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    set_here = key not in os.environ
+    if set_here:
+        os.environ[key] = "n"
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if set_here:
+            os.environ.pop(key, None)
+
+
+def _tensor_info(detail: dict[str, Any]) -> dict[str, Any]:
+    """Name, shape, dtype and (for integer tensors) scale / zero point of one interpreter tensor detail."""
+    dtype = np.dtype(detail["dtype"])
+    info: dict[str, Any] = {"name": str(detail["name"]), "shape": [int(d) for d in detail["shape"]],
+                            "dtype": dtype.name}
+    if dtype.kind in "iu":
+        scale, zero_point = detail["quantization"]
+        info |= {"scale": float(scale), "zero_point": int(zero_point)}
+    return info
+
+
+def describe_tflite(path: Path) -> dict[str, Any]:
+    """The signature of a ``.tflite`` graph: its key, input/output argument names and tensor details."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise RuntimeMissingError(f"reading a LiteRT graph needs ai-edge-litert; {_INSTALL}") from exc
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=1)
+        signatures = interpreter.get_signature_list()
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    except Exception as exc:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError of its own
+        raise ExportValidationError(f"LiteRT cannot load the graph it just wrote, {path} ({_one_line(exc)})") from exc
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ExportValidationError(f"{path.name} has {len(inputs)} inputs and {len(outputs)} outputs; the extractor "
+                                    "must have exactly one of each")
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures), None)
+    sig = signatures.get(key, {}) if key else {}
+    return {"signature": key, "input_arg": (sig.get("inputs") or [None])[0],
+            "output_arg": (sig.get("outputs") or [None])[0],
+            "input": _tensor_info(inputs[0]), "output": _tensor_info(outputs[0])}
+
+
+def to_fp32(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
+    """FP32 ``.tflite`` of ``ctx.features`` by litert-torch: input ``(1, 3, S, S)`` float32 NCHW → ``(1, D)``."""
+    try:
+        import litert_torch
+        import torch
+    except ImportError as exc:
+        raise RuntimeMissingError(f"TFLite export needs {exc.name or 'litert-torch'}; {_INSTALL}") from exc
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sample = torch.zeros(1, 3, ctx.input_size, ctx.input_size)
+    start = time.perf_counter()
+    try:
+        with _quiet(), torch.no_grad():
+            litert_torch.convert(ctx.features.eval(), (sample,)).export(str(out_path))
+    except Exception as exc:  # noqa: BLE001 - torch.export / MLIR lowering raise many exception types
+        raise ExportValidationError(f"litert-torch could not convert the extractor to TFLite "
+                                    f"({type(exc).__name__}: {_one_line(exc)})") from exc
+    seconds = time.perf_counter() - start
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        raise ExportValidationError(f"litert-torch did not write {out_path}")
+    graph = describe_tflite(out_path)
+    log.info("litert-torch wrote %s (%.1f MB) in %.1f s", out_path.name, out_path.stat().st_size / 1e6, seconds)
+    return {"tool": f"litert-torch {_version('litert-torch')}", "litert_torch_version": _version("litert-torch"),
+            "source": "pytorch", "batch": 1, "dynamic_batch": False, "layout": "NCHW", "signature": graph["signature"],
+            "input_arg": graph["input_arg"], "output_arg": graph["output_arg"], "input": graph["input"],
+            "output": graph["output"], "convert_seconds": round(seconds, 2)}
+
+
+def _calibration_items(calib: np.ndarray, input_size: int) -> list[np.ndarray]:
+    """``(N, 3, S, S)`` float32 → N contiguous ``(1, 3, S, S)`` arrays (the graph has batch 1)."""
+    calib = np.asarray(calib)
+    if calib.ndim != 4 or calib.shape[1:] != (3, input_size, input_size) or len(calib) == 0:
+        raise DataError(f"TFLite INT8 calibration needs preprocessed real images (N, 3, {input_size}, {input_size}) "
+                        f"with N >= 1, found {calib.shape}")
+    calib = calib.astype(np.float32, copy=False)
+    return [np.ascontiguousarray(calib[i:i + 1]) for i in range(len(calib))]
+
+
+def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
+    """INT8 ``.tflite``: the FP32 graph of :func:`to_fp32` (written to ``ctx.workdir``) quantized by ai-edge-quantizer
+    with recipe ``static_wi8_ai8``, activation ranges calibrated on every image of ``ctx.calib`` (one at a time).
+
+    Input ``(1, 3, S, S)`` and output ``(1, D)`` are int8; the returned settings carry their scale and zero point
+    (``real = scale * (q - zero_point)``).
+    """
+    items = _calibration_items(ctx.calib, ctx.input_size)
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError as exc:
+        raise RuntimeMissingError(f"TFLite INT8 export needs {exc.name or 'ai-edge-quantizer'}; {_INSTALL}") from exc
+    out_path = Path(out_path)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    fp32_path = ctx.workdir / FP32_INTERMEDIATE
+    fp32 = to_fp32(ctx, fp32_path)
+    signature, arg = fp32["signature"], fp32["input_arg"]
+    if signature is None or arg is None:
+        raise ExportValidationError(f"{fp32_path.name} has no signature to calibrate through; cannot quantize it")
+
+    start = time.perf_counter()
+    try:
+        with _quiet():
+            q = quantizer.Quantizer(str(fp32_path), getattr(recipe, INT8_RECIPE)())
+            ranges = q.calibrate({signature: [{arg: item} for item in items]}, num_threads=min(os.cpu_count() or 1, 16))
+            result = q.quantize(ranges, enable_progress_bar=False, enable_progress_report=False)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.unlink(missing_ok=True)
+            result.export_model(str(out_path))
+    except EdgeTLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises ValueError/RuntimeError of its own
+        raise ExportValidationError(f"ai-edge-quantizer {INT8_RECIPE} quantization of {fp32_path.name} failed "
+                                    f"({type(exc).__name__}: {_one_line(exc)})") from exc
+    seconds = time.perf_counter() - start
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        raise ExportValidationError(f"ai-edge-quantizer did not write {out_path}")
+    graph = describe_tflite(out_path)
+    log.info("ai-edge-quantizer wrote %s (%.1f MB, %s) in %.1f s", out_path.name, out_path.stat().st_size / 1e6,
+             INT8_RECIPE, seconds)
+    return {"tool": f"litert-torch {_version('litert-torch')} + ai-edge-quantizer {_version('ai-edge-quantizer')}",
+            "litert_torch_version": _version("litert-torch"),
+            "ai_edge_quantizer_version": _version("ai-edge-quantizer"), "source": "pytorch",
+            "method": "post_training_static_quantization", "recipe": INT8_RECIPE, "algorithm": "min_max_uniform_quant",
+            "weights": "int8", "activations": "int8", "calibration": "real images (ExportContext.calib)",
+            "calibration_images": len(items), "batch": 1, "dynamic_batch": False, "layout": "NCHW",
+            "signature": graph["signature"], "input_arg": graph["input_arg"], "output_arg": graph["output_arg"],
+            "int8_input": graph["input"]["dtype"] == "int8", "int8_output": graph["output"]["dtype"] == "int8",
+            "input": graph["input"], "output": graph["output"], "fp32_convert_seconds": fp32["convert_seconds"],
+            "quantize_seconds": round(seconds, 2)}
