@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.errors import DataError, EdgeTLError, ExportValidationError
+from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError
 from edgetl.host.convert import ExportContext
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,26 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _import_openvino() -> Any:
-    import openvino as ov  # ImportError → RuntimeMissingError in edgetl.host.convert.converter
+def _missing(exc: ImportError, package: str) -> RuntimeMissingError:
+    return RuntimeMissingError(f"OpenVINO export needs {exc.name or package}; install the host extra: "
+                               "pip install 'edgetl[host]'")
 
+
+def _import_openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise _missing(exc, "openvino") from exc
     return ov
 
 
 def _import_nncf() -> Any:
-    with _quiet():
-        import nncf
-    nncf.set_log_level(logging.ERROR)
+    try:
+        with _quiet():
+            import nncf
+    except ImportError as exc:
+        raise _missing(exc, "nncf") from exc
+    nncf.set_log_level(logging.ERROR)  # NNCF logs INFO lines to stdout by default
     return nncf
 
 
@@ -134,7 +144,7 @@ def to_int8(ctx: ExportContext, out_xml: Path) -> dict[str, Any]:
     """INT8 IR by NNCF post-training quantization of the converted FP32 model on ``ctx.calib`` (every image used).
 
     Symmetric ("performance" preset) INT8 weights and activations, per-channel weights, full (not fast) bias
-    correction; weights file saved without FP16 compression. The input and output stay float32 ``(N, 3, S, S) → (N, D)``.
+    correction; weights file saved without FP16 compression. Input and output stay float32: ``(N, 3, S, S) → (N, D)``.
     """
     items = _calibration_items(ctx.calib)
     ov = _import_openvino()
@@ -145,12 +155,13 @@ def to_int8(ctx: ExportContext, out_xml: Path) -> dict[str, Any]:
         with _quiet():
             quantized = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.PERFORMANCE,
                                       target_device=nncf.TargetDevice.ANY, subset_size=len(items),
-                fast_bias_correction=INT8_FAST_BIAS_CORRECTION)
+                                      fast_bias_correction=INT8_FAST_BIAS_CORRECTION)
         _save(quantized, Path(out_xml), compress_to_fp16=False)
     except EdgeTLError:
         raise
     except Exception as exc:  # noqa: BLE001 - NNCF/OpenVINO raise their own exception types
-        raise ExportValidationError(f"NNCF INT8 quantization of {ctx.onnx_fp32.name} failed ({_one_line(exc)})") from exc
+        raise ExportValidationError(f"NNCF INT8 quantization of {ctx.onnx_fp32.name} failed "
+                                    f"({_one_line(exc)})") from exc
     return _int8_settings(ov, nncf, Path(out_xml), len(items), time.perf_counter() - start)
 
 
@@ -163,8 +174,9 @@ def quantize_with_accuracy_control(ctx: ExportContext, out_xml: Path, val_images
 
     ``val_images``: ``(M, 3, S, S)`` float32 preprocessed real images. ``val_fn(embeddings, indices)`` gets the
     model's ``(K, D)`` float32 embeddings of ``val_images[indices]`` (``indices`` int64 ``(K,)``; NNCF validates the
-    whole set, subsets and single images) and returns a float metric, higher is better — for example nearest-class-mean
-    accuracy with the labels closed over. The returned settings add ``max_drop``, ``drop_type``, ``validation_size``.
+    whole set, subsets and single images) and returns a float metric, higher is better — for example
+    nearest-class-mean accuracy with the labels closed over. The returned settings add ``max_drop``, ``drop_type``
+    and ``validation_size``.
     """
     items = _calibration_items(ctx.calib)
     validation = [(i, item) for i, item in enumerate(_calibration_items(val_images, what="validation"))]
@@ -183,8 +195,8 @@ def quantize_with_accuracy_control(ctx: ExportContext, out_xml: Path, val_images
         with _quiet():
             quantized = nncf.quantize_with_accuracy_control(
                 model, nncf.Dataset(items), nncf.Dataset(validation, lambda pair: pair[1]), validate,
-                max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.PERFORMANCE,
-                target_device=nncf.TargetDevice.ANY, subset_size=len(items),
+                max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE,
+                preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.ANY, subset_size=len(items),
                 fast_bias_correction=INT8_FAST_BIAS_CORRECTION)
         _save(quantized, Path(out_xml), compress_to_fp16=False)
     except EdgeTLError:

@@ -70,6 +70,18 @@ def _quiet() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def _import_litert_torch() -> Any:
+    """``litert_torch``, imported without the deprecation notice torch logs while it registers its types."""
+    noisy = logging.getLogger("torch.utils._pytree")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        import litert_torch
+    finally:
+        noisy.setLevel(level)
+    return litert_torch
+
+
 def _tensor_info(detail: dict[str, Any]) -> dict[str, Any]:
     """Name, shape, dtype and (for integer tensors) scale / zero point of one interpreter tensor detail."""
     dtype = np.dtype(detail["dtype"])
@@ -106,8 +118,9 @@ def describe_tflite(path: Path) -> dict[str, Any]:
 def to_fp32(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
     """FP32 ``.tflite`` of ``ctx.features`` by litert-torch: input ``(1, 3, S, S)`` float32 NCHW → ``(1, D)``."""
     try:
-        import litert_torch
         import torch
+
+        litert_torch = _import_litert_torch()
     except ImportError as exc:
         raise RuntimeMissingError(f"TFLite export needs {exc.name or 'litert-torch'}; {_INSTALL}") from exc
     out_path = Path(out_path)

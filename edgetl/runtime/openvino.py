@@ -63,7 +63,8 @@ class OpenVinoExtractor(FeatureExtractor):
             self.size = shape[2].get_length()
         self.input_name = inputs[0].get_any_name()
         self.output = outputs[0]
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision: str = hint.to_string() if hasattr(hint, "to_string") else str(hint)  #: "f32" unless overridden
 
     def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``(N, 3, S, S)`` float32 → ``(N, D)`` float32 (a fresh array, not the request's output buffer)."""

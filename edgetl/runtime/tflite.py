@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _interpreter_class() -> Any:
-    """``ai_edge_litert``'s Interpreter, else ``tflite_runtime``'s (older devices), else :class:`RuntimeMissingError`."""
+    """ai_edge_litert's Interpreter, else tflite_runtime's (older devices), else :class:`RuntimeMissingError`."""
     try:
         from ai_edge_litert.interpreter import Interpreter
 
@@ -113,6 +113,14 @@ class TfliteExtractor(FeatureExtractor):
             self.interpreter.allocate_tensors()
             self._batch = n
 
+    def _restore(self) -> None:
+        """After a failed resize: note the batch the input tensor really has now and make sure it is allocated."""
+        self._batch = int(self.interpreter.get_input_details()[0]["shape"][0])
+        try:
+            self.interpreter.allocate_tensors()
+        except (RuntimeError, ValueError):
+            self._batch = -1  # unusable as it is: the next _set_batch(1) resizes and allocates again
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input_index, x)
         self.interpreter.invoke()
@@ -127,7 +135,7 @@ class TfliteExtractor(FeatureExtractor):
             log.warning("TFLite graph cannot run a batch of %d (%s); running one image at a time", len(x),
                         _one_line(exc))
             self._resizable = False
-            self._batch = -1  # unknown after a failed resize; _set_batch(1) re-allocates
+            self._restore()
             return None
         if out.shape[0] != len(x):
             log.warning("TFLite graph returned %d rows for a batch of %d; running one image at a time", out.shape[0],
