@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.errors import BundleError
+from edgetl.errors import BundleError, EdgeTLError
 from edgetl.registry import Preprocessing, sha256_file
 
 SCHEMA_VERSION = 1
@@ -45,18 +45,26 @@ class Bundle:
 
     # ----------------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
-        """Read ``path/manifest.json``; with ``verify`` check the schema and every listed file's size and sha256."""
+    def load(cls, path: str | os.PathLike[str], verify: bool = True,
+             trust: str | os.PathLike[str] | None = None) -> Bundle:
+        """Read ``path/manifest.json``; with ``verify`` check the schema and every listed file's size and sha256;
+        with ``trust`` (a public key file) also require a valid signature of the manifest by that key."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not path.is_dir():
             raise BundleError(f"bundle {path} does not exist or is not a directory; create one with `edgetl export`")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            raw = manifest_path.read_bytes()
+            if trust is not None:
+                from edgetl.signing import verify_signature
+
+                verify_signature(path, raw, trust)
+            manifest = json.loads(raw.decode("utf-8"))
         except FileNotFoundError as exc:
             raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing; re-export it with `edgetl export`") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"bundle manifest {manifest_path} is corrupt ({exc}); copy the bundle again") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise BundleError(f"bundle manifest {manifest_path} is corrupt ({type(exc).__name__}); copy the bundle "
+                              "again") from exc
         bundle = cls(path, manifest)
         bundle._check_schema()
         if verify:
@@ -64,20 +72,47 @@ class Bundle:
         return bundle
 
     def _check_schema(self) -> None:
+        """Structure and types of every field the device relies on; anything else is a :class:`BundleError`."""
         m = self.manifest
+        where = f"bundle manifest in {self.path}"
         if not isinstance(m, dict):
-            raise BundleError(f"bundle manifest in {self.path} is not a JSON object")
+            raise BundleError(f"{where} is not a JSON object; copy the bundle again")
         version = m.get("schema_version")
-        if not isinstance(version, int):
-            raise BundleError(f"bundle manifest in {self.path} has no integer schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BundleError(f"{where} has no integer schema_version; it was not written by edgetl export")
         if version > SCHEMA_VERSION:
             raise BundleError(f"bundle schema_version {version} is newer than this edgetl understands ({SCHEMA_VERSION}); "
                               "upgrade edgetl on the device")
-        for key in ("backbone", "feature_dim", "preprocessing", "extractors", "files"):
-            if key not in m:
-                raise BundleError(f"bundle manifest in {self.path} lacks {key!r}; it was not written by edgetl export")
-        if not m["extractors"]:
-            raise BundleError(f"bundle {self.path} lists no extractor")
+        for key, kind in (("backbone", dict), ("feature_dim", int), ("preprocessing", dict), ("extractors", list),
+                          ("files", dict)):
+            if not isinstance(m.get(key), kind):
+                raise BundleError(f"{where} lacks a valid {key!r}; it was not written by edgetl export")
+        if m["feature_dim"] < 1 or not m["extractors"]:
+            raise BundleError(f"{where} lists no extractor or a bad feature_dim")
+        for name, entry in m["files"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and
+                    isinstance(entry.get("size"), int)):
+                raise BundleError(f"{where} has a malformed record for file {name!r}")
+        for e in m["extractors"]:
+            if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in
+                                                  ("file", "format", "precision", "input_name", "output_name")):
+                raise BundleError(f"{where} has a malformed extractor entry")
+            companions = e.get("companions", [])
+            if not isinstance(companions, list) or not all(isinstance(c, str) for c in companions):
+                raise BundleError(f"{where} has a malformed extractor entry (companions)")
+            for name in [e["file"], *companions]:
+                if name not in m["files"]:
+                    raise BundleError(f"{where}: extractor file {name!r} is not covered by a sha256; re-export it")
+        for optional, kind in (("labels", list), ("head", dict), ("golden", dict)):
+            if m.get(optional) is not None and not isinstance(m[optional], kind):
+                raise BundleError(f"{where} has a malformed {optional!r}")
+        for ref in (m.get("head") or {}).get("file"), (m.get("golden") or {}).get("file"):
+            if ref is not None and (not isinstance(ref, str) or ref not in m["files"]):
+                raise BundleError(f"{where}: {ref!r} is not covered by a sha256; re-export the bundle")
+        try:
+            self.preprocessing  # noqa: B018 - validates
+        except EdgeTLError as exc:
+            raise BundleError(f"{where}: {exc}") from exc
 
     def verify_files(self) -> None:
         """Every file the manifest lists exists with the recorded size and sha256 (tampering and truncation)."""
@@ -85,6 +120,8 @@ class Bundle:
             target = self._member(name)
             if not target.is_file():
                 raise BundleError(f"bundle file {name} is missing from {self.path}; copy the whole bundle again")
+            if target.is_symlink():
+                raise BundleError(f"bundle file {name} is a link; refusing it (copy the bundle without links)")
             size = target.stat().st_size
             if size != entry["size"]:
                 raise BundleError(f"bundle file {name} has {size} bytes, expected {entry['size']} (truncated or "
@@ -94,7 +131,10 @@ class Bundle:
                                   "again from a trusted source")
 
     def _member(self, name: str) -> Path:
-        target = (self.path / name).resolve()
+        try:
+            target = (self.path / name).resolve()
+        except (ValueError, OSError) as exc:
+            raise BundleError(f"bundle manifest names an invalid file {name!r}; refusing it") from exc
         if self.path.resolve() not in target.parents:
             raise BundleError(f"bundle manifest names a file outside the bundle ({name!r}); refusing it")
         return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from struct import error as struct_error
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,19 +102,34 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tupl
     return np.flatnonzero(mask), held_idx
 
 
-def load_image(path: str | os.PathLike[str]) -> Any:
-    """Decode an image file fully into a PIL image; a missing, truncated or non-image file raises :class:`DataError`
-    naming the file."""
+#: decompression-bomb guard: images with more pixels are refused before they are decoded
+MAX_PIXELS = 64_000_000
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Any:
+    """Decode an image file fully into an RGB PIL image (any mode converted, see :func:`edgetl.preprocess.to_rgb`);
+    a missing, empty, truncated, non-image or oversized file raises :class:`DataError` naming the file."""
     from PIL import Image, UnidentifiedImageError
+
+    from edgetl.preprocess import to_rgb
 
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"image {path} is empty (0 bytes); remove or replace the file")
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DataError(f"image {path} has {width}x{height} pixels, more than the limit of {max_pixels}; "
+                                "refusing it (possible decompression bomb) — downscale it first")
             image.load()
-            return image.copy() if image.mode != "P" else image.convert("RGBA")
+            return to_rgb(image)
+    except DataError:
+        raise
     except FileNotFoundError as exc:
         raise DataError(f"image {path} does not exist") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError,
+            struct_error, IndexError, TypeError, ZeroDivisionError, MemoryError) as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace the file") from exc
 
 

@@ -5,6 +5,7 @@ A camera or ground-station application uses it directly; the ``edgetl device`` c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,14 +17,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgetl._atomic import atomic_write, atomic_write_json
+from edgetl._atomic import atomic_write_json
 from edgetl.bundle import Bundle
 from edgetl.data import ImageFolder, batches, load_image, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
 from edgetl.preprocess import preprocess_image
+from edgetl.registry import sha256_file
 from edgetl.runtime import FeatureExtractor, load_extractor
 from edgetl.selection import choose
+from edgetl.state import BUNDLE_HEAD, DeviceState
 from edgetl.store import EmbeddingStore, content_hash
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class TrainReport:
     fit_seconds: float
     embedded: int
     cached: int
+    promoted: bool = True
+    reason: str = ""
 
 
 class DeviceRuntime:
@@ -56,8 +61,11 @@ class DeviceRuntime:
     """
 
     def __init__(self, bundle: str | os.PathLike[str], backend: str | None = None, precision: str | None = None,
-                 profile: str | None = None, threads: int | None = None, batch_size: int | None = None):
-        self.bundle = Bundle.load(bundle)
+                 profile: str | None = None, threads: int | None = None, batch_size: int | None = None,
+                 trust: str | os.PathLike[str] | None = None):
+        self.bundle = Bundle.load(bundle, trust=trust)
+        if trust is not None:
+            self._check_replay()
         choice = choose(self.bundle, backend, precision, profile, threads)
         self.profile = choice.profile
         self.entry = choice.entry
@@ -68,6 +76,25 @@ class DeviceRuntime:
         self.batch_size = batch_size or choice.profile.batch_size or 32
         self.extractor_sha256 = self.bundle.sha256(self.entry.file)
         self._extractor: FeatureExtractor | None = None
+
+    def _check_replay(self) -> None:
+        """A signed bundle older than one this device already accepted is a replay: refuse it; else record it."""
+        created = float(self.bundle.manifest.get("created_unix", 0.0))
+        accepted_file = self.bundle.state_dir / "accepted.json"
+        try:
+            accepted = json.loads(accepted_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            accepted = {}
+        newest = float(accepted.get("created_unix", 0.0))
+        if created < newest:
+            raise BundleError(f"bundle {self.bundle.path} is a signed manifest older than the one this device already "
+                              f"accepted ({accepted.get('created')}); refusing a replayed bundle")
+        if created > newest:
+            try:
+                atomic_write_json(accepted_file, {"created_unix": created, "created": self.bundle.manifest.get("created"),
+                                                  "manifest_sha256": sha256_file(self.bundle.path / "manifest.json")})
+            except OSError as exc:
+                log.warning("could not record the accepted manifest (%s)", exc)
 
     # ------------------------------------------------------------------------------------------------------ embedding
     @property
@@ -128,15 +155,23 @@ class DeviceRuntime:
 
     # ---------------------------------------------------------------------------------------------------- head state
     @property
-    def _heads_dir(self) -> Path:
-        return self.bundle.state_dir / "heads"
+    def state(self) -> DeviceState:
+        return DeviceState(self.bundle.state_dir)
 
     def current_version(self) -> str | None:
         """The name of the current head version, ``"bundle"`` for the host's initial head, or None."""
-        pointer = self.bundle.state_dir / "current"
-        if pointer.is_file():
-            return pointer.read_text(encoding="utf-8").strip()
-        return "bundle" if self.bundle.manifest.get("head") else None
+        return self.state.current() or (BUNDLE_HEAD if self.bundle.manifest.get("head") else None)
+
+    def _load_version(self, version: str) -> tuple[Head, list[str]]:
+        if version == BUNDLE_HEAD:
+            if not self.bundle.manifest.get("head"):
+                raise StateError(f"bundle {self.bundle.path} packs no initial head")
+            return load_head(self.bundle.file(self.bundle.manifest["head"]["file"])), self.bundle.labels
+        meta = self.state.meta(version)
+        if meta.get("extractor_sha256") != self.extractor_sha256:
+            raise StateError(f"head {version} was trained for another extractor ({self.entry.file} is in use); "
+                             f"retrain it for this one: edgetl device train {self.bundle.path} --data DIR")
+        return load_head(self.state.head_file(version)), list(meta["classes"])
 
     def load_current_head(self) -> tuple[Head, list[str], str]:
         """(head, class names, version) of the current head; raises :class:`NotFittedError` when there is none."""
@@ -144,55 +179,116 @@ class DeviceRuntime:
         if version is None:
             raise NotFittedError(f"bundle {self.bundle.path} has no head yet; train one: "
                                  f"edgetl device train {self.bundle.path} --data DIR")
-        if version == "bundle":
-            head_file, labels = self.bundle.file(self.bundle.manifest["head"]["file"]), self.bundle.labels
-        else:
-            folder = self._heads_dir / version
-            meta = _read_json(folder / "meta.json")
-            if meta.get("extractor_sha256") != self.extractor_sha256:
-                raise StateError(f"head {version} was trained for another extractor; retrain it for this one: "
-                                 f"edgetl device train {self.bundle.path} --data DIR")
-            head_file, labels = folder / "head.npz", list(meta["classes"])
-        return load_head(head_file), labels, version
+        head, labels = self._load_version(version)
+        return head, labels, version
 
-    def _save_version(self, head: Head, classes: list[str], metrics: dict[str, Any]) -> str:
-        self._heads_dir.mkdir(parents=True, exist_ok=True)
-        existing = [int(p.name[1:]) for p in self._heads_dir.glob("v[0-9]*") if p.name[1:].isdigit()]
-        version = f"v{max(existing, default=0) + 1:04d}"
-        tmp = self._heads_dir / f".{version}.tmp"
-        tmp.mkdir(parents=True, exist_ok=False)
-        atomic_write(tmp / "head.npz", head.save)
-        atomic_write_json(tmp / "meta.json", {"version": version, "head": head.kind, "classes": classes,
-                                              "extractor_sha256": self.extractor_sha256,
-                                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics})
-        os.replace(tmp, self._heads_dir / version)
-        payload = version.encode()
-        atomic_write(self.bundle.state_dir / "current", lambda fh: fh.write(payload))
-        return version
+    def history(self) -> list[dict[str, Any]]:
+        """Every head version, oldest first, with its status (current / candidate / previous) and metrics."""
+        current = self.current_version()
+        rows = []
+        if self.bundle.manifest.get("head"):
+            rows.append({"version": BUNDLE_HEAD, "status": "current" if current == BUNDLE_HEAD else "previous",
+                         "head": self.bundle.manifest["head"]["kind"], "classes": self.bundle.labels,
+                         "metrics": {}, "created": self.bundle.manifest.get("created")})
+        for version in self.state.versions():
+            meta = self.state.meta(version)
+            status = "current" if version == current else meta.get("status", "previous")
+            rows.append({"version": version, "status": status, "head": meta.get("head"), "classes": meta["classes"],
+                         "metrics": meta.get("metrics", {}), "created": meta.get("created"),
+                         "extractor_sha256": meta.get("extractor_sha256"), "reason": meta.get("reason")})
+        return rows
+
+    def rollback(self, to: str | None = None, wait: float = 0.0) -> str:
+        """Make ``to`` (default: the version that was current before the current one) current again."""
+        with self.state.writer(wait):
+            current = self.current_version()
+            if to is None:
+                promoted = [e["version"] for e in self.state.audit() if e["action"] in ("promote", "rollback")]
+                earlier = [v for v in reversed(promoted) if v != current]
+                if not earlier and current != BUNDLE_HEAD and self.bundle.manifest.get("head"):
+                    earlier = [BUNDLE_HEAD]
+                if not earlier:
+                    raise StateError(f"no earlier head to roll back to (current: {current}); see `edgetl device "
+                                     "history`")
+                to = earlier[0]
+            self._load_version(to)  # exists, is readable and fits this extractor
+            self.state.set_current(to)
+            self.state.log("rollback", version=to, previous=current)
+        return to
 
     # ------------------------------------------------------------------------------------------------------ training
     def train(self, data: str | os.PathLike[str] | ImageFolder, head: str = "softmax", val_split: float = 0.2,
-              seed: int = 0, progress: Progress = _no_progress, **head_params: Any) -> TrainReport:
-        """Embed ``data`` (ImageFolder), fit a new head, measure it on a held-out part, make it the current version."""
+              seed: int = 0, tolerance: float = 0.02, force: bool = False, wait: float = 0.0,
+              progress: Progress = _no_progress, **head_params: Any) -> TrainReport:
+        """Embed ``data`` (ImageFolder), fit a new head, measure it on a held-out part and write it as a new version.
+
+        Promote gate: the new head becomes current unless the current head (same classes) is more accurate on the
+        same held-out images by more than ``tolerance``; then it is kept as a candidate (``force`` promotes anyway).
+        """
         folder = data if isinstance(data, ImageFolder) else scan_image_folder(data)
-        embeddings, cached = self.embed_paths(folder.paths, progress=progress)
-        labels = folder.labels
-        train_idx, val_idx = stratified_split(labels, val_split, seed)
-        if len(np.unique(labels[train_idx])) < 2:
-            raise DataError(f"{folder.root}: too few images to train after holding out {val_split:.0%}; add images")
-        model = make_head(head, seed=seed, **head_params)
-        start = time.perf_counter()
-        model.fit(embeddings[train_idx], labels[train_idx])
-        fit_seconds = time.perf_counter() - start
-        val_acc = float((model.predict(embeddings[val_idx]) == labels[val_idx]).mean()) if len(val_idx) else None
-        if len(val_idx):
-            # the held-out part served its purpose; the kept head learns from every image
-            model = make_head(head, seed=seed, **head_params).fit(embeddings, labels)
-        metrics = {"val_accuracy": val_acc, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-                   "fit_seconds": round(fit_seconds, 4), "data": str(folder.root)}
-        version = self._save_version(model, list(folder.classes), metrics)
+        with self.state.writer(wait):
+            embeddings, cached = self.embed_paths(folder.paths, progress=progress)
+            labels = folder.labels
+            train_idx, val_idx = stratified_split(labels, val_split, seed)
+            if len(np.unique(labels[train_idx])) < 2:
+                raise DataError(f"{folder.root}: too few images to train after holding out {val_split:.0%}; add images")
+            model = make_head(head, seed=seed, **head_params)
+            start = time.perf_counter()
+            model.fit(embeddings[train_idx], labels[train_idx])
+            fit_seconds = time.perf_counter() - start
+            val_acc = float((model.predict(embeddings[val_idx]) == labels[val_idx]).mean()) if len(val_idx) else None
+            keys = np.array([content_hash(p) for p in folder.paths], dtype="U64")
+            promote, reason, current_acc = self._gate(folder.classes, model, embeddings[val_idx], labels[val_idx],
+                                                      keys[val_idx], val_acc, tolerance, force)
+            if len(val_idx):
+                # the held-out part served its purpose; the kept head learns from every image
+                model = make_head(head, seed=seed, **head_params).fit(embeddings, labels)
+            metrics = {"val_accuracy": val_acc, "current_val_accuracy": current_acc, "n_train": int(len(train_idx)),
+                       "n_val": int(len(val_idx)), "fit_seconds": round(fit_seconds, 4), "data": str(folder.root)}
+            previous = self.current_version()
+            version = self.state.write_version(model, {"classes": list(folder.classes), "metrics": metrics,
+                                                       "extractor_sha256": self.extractor_sha256,
+                                                       "extractor": self.entry.file,
+                                                       "status": "promoted" if promote else "candidate",
+                                                       "reason": reason}, train_keys=keys)
+            if promote:
+                self.state.set_current(version)
+            self.state.log("promote" if promote else "candidate", version=version, previous=previous,
+                           val_accuracy=val_acc, current_val_accuracy=current_acc, reason=reason)
         return TrainReport(version, head, list(folder.classes), int(len(train_idx)), int(len(val_idx)), val_acc,
-                           fit_seconds, len(folder) - cached, cached)
+                           fit_seconds, len(folder) - cached, cached, promote, reason)
+
+    def _gate(self, classes: Sequence[str], new: Head, X_val: np.ndarray, y_val: np.ndarray, val_keys: np.ndarray,
+              new_acc: float | None, tolerance: float, force: bool) -> tuple[bool, str, float | None]:
+        """(promote?, why, current head's accuracy). Both heads are compared on held-out images the current head was
+        not trained on; when too few such images exist, the new accuracy is compared with the current head's own
+        recorded held-out accuracy."""
+        if force:
+            return True, "promoted with --force", None
+        try:
+            head, labels, version = self.load_current_head()
+        except (NotFittedError, StateError):
+            return True, "no usable current head", None
+        if list(labels) != list(classes):
+            return True, f"classes differ from the current head {version}", None
+        if new_acc is None or not len(y_val):
+            return True, "no held-out images to compare on (--val-split 0)", None
+        seen = self.state.train_keys(version) if version != BUNDLE_HEAD else None
+        unseen = ~np.isin(val_keys, seen) if seen is not None else np.ones(len(y_val), dtype=bool)
+        if unseen.sum() >= 10:
+            current_acc = float((head.predict(X_val[unseen]) == y_val[unseen]).mean())
+            new_acc = float((new.predict(X_val[unseen]) == y_val[unseen]).mean())
+            basis = f"on {int(unseen.sum())} held-out images neither head trained on"
+        else:
+            recorded = self.state.meta(version).get("metrics", {}).get("val_accuracy")
+            if recorded is None:
+                return True, f"current head {version} has no held-out accuracy to compare with", None
+            current_acc, basis = float(recorded), "(the current head's own held-out accuracy, recorded at training)"
+        if new_acc < current_acc - tolerance:
+            return False, (f"held-out accuracy {new_acc:.3f} is worse than the current head {version}'s "
+                           f"{current_acc:.3f} {basis} by more than {tolerance:.3f}; kept as a candidate (--force "
+                           "promotes it)"), current_acc
+        return True, f"held-out accuracy {new_acc:.3f} vs current {version} {current_acc:.3f} {basis}", current_acc
 
     # ---------------------------------------------------------------------------------------------------- inference
     def predict(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1) -> list[dict[str, Any]]:
@@ -248,23 +344,14 @@ class DeviceRuntime:
         m = self.bundle.manifest
         version = self.current_version()
         current: dict[str, Any] | None = None
-        if version and version != "bundle":
-            current = _read_json(self._heads_dir / version / "meta.json")
+        if version and version != BUNDLE_HEAD:
+            current = self.state.meta(version)
         return {"bundle": str(self.bundle.path), "schema_version": m["schema_version"], "profile": self.profile.id,
                 "selected": {"file": self.entry.file, "backend": self.backend, "precision": self.precision,
                              "threads": self.threads},
                 "edgetl_version": m.get("edgetl_version"), "backbone": m["backbone"], "feature_dim": m["feature_dim"],
                 "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
                 "current_head": version, "current_head_meta": current}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StateError(f"device state file {path} is unreadable ({exc}); roll back or retrain") from exc
 
 
 __all__ = ["DeviceRuntime", "TrainReport"]

@@ -40,9 +40,10 @@ def to_rgb(image: Any) -> Any:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        array -= min(0.0, float(array.min(initial=0.0)))
+        peak = array.max(initial=0.0) or 1.0
         image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -49,9 +49,11 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgetl.cli import data, device, host, models
+    from edgetl.cli import bundle, data, device, host, models
 
     main.add_command(models.models)
+    main.add_command(bundle.bundle)
+    main.add_command(bundle.keys)
     main.add_command(data.data)
     main.add_command(host.finetune)
     main.add_command(host.export)

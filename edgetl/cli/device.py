@@ -22,6 +22,8 @@ def _runtime_options(f: Any) -> Any:
     f = click.option("--profile", default=None, help="Device profile (default: detected).")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Runtime threads (default: the profile's, else all).")(f)
+    f = click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
+                     help="Public key (KEY.pub): refuse unsigned or badly signed bundles [env EDGETL_TRUST].")(f)
     return f
 
 
@@ -29,7 +31,7 @@ def _open(bundle: Path, opts: dict[str, Any]) -> Any:
     from edgetl.device import DeviceRuntime
 
     return DeviceRuntime(bundle, backend=opts["backend"], precision=opts["precision"], profile=opts["profile"],
-                         threads=opts["threads"])
+                         threads=opts["threads"], trust=opts["trust"])
 
 
 @click.group()
@@ -44,15 +46,21 @@ def device() -> None:
 @click.option("--val-split", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
               help="Held-out fraction for the reported accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Promote gate: largest held-out accuracy loss against the current head.")
+@click.option("--force", is_flag=True, help="Promote the new head even if the gate would keep it as a candidate.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait for another trainer to finish.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
-def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, as_json: bool, quiet: bool,
-          **opts: Any) -> None:
-    """Embed local images (cached) and train a new head version."""
+def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, tolerance: float, force: bool,
+          wait: float, as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Embed local images (cached) and train a new head version; it becomes current if it passes the promote gate."""
     rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
-        report = rt.train(data_dir, head=head, val_split=val_split, seed=seed, progress=progress)
+        report = rt.train(data_dir, head=head, val_split=val_split, seed=seed, tolerance=tolerance, force=force,
+                          wait=wait, progress=progress)
     if as_json:
         click.echo(json.dumps(asdict(report)))
         return
@@ -60,6 +68,7 @@ def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, 
     click.echo(f"trained {report.head} head {report.version} on {report.n_train} images of {len(report.classes)} "
                f"classes in {report.fit_seconds:.2f} s; held-out accuracy {acc} on {report.n_val} images "
                f"({report.cached} embeddings from the cache)")
+    click.echo(f"{'promoted to current' if report.promoted else 'NOT promoted, kept as a candidate'}: {report.reason}")
 
 
 @device.command()
@@ -131,3 +140,46 @@ def verify(bundle: Path, **opts: Any) -> None:
     else:
         click.echo(f"{bundle}: files ok; golden vectors of {result['extractor']} ok on this device (max abs diff "
                    f"{result['max_abs_diff']:.2e}, min cosine {result['min_cosine']:.6f})")
+
+
+@device.command()
+@_bundle_arg
+@click.option("--json", "as_json", is_flag=True)
+@_runtime_options
+def history(bundle: Path, as_json: bool, **opts: Any) -> None:
+    """List every head version with its status and held-out accuracy."""
+    rows = _open(bundle, opts).history()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        acc = r["metrics"].get("val_accuracy")
+        acc_s = "   n/a" if acc is None else f"{acc:6.3f}"
+        click.echo(f"{r['version']:<8} {r['status']:<10} {r['head'] or '':<8} {len(r['classes']):>3} classes  "
+                   f"val acc {acc_s}  {r['created'] or ''}")
+
+
+@device.command()
+@_bundle_arg
+@click.option("--to", "to", default=None, help="Version to make current (default: the previous current one).")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@_runtime_options
+def rollback(bundle: Path, to: str | None, wait: float, **opts: Any) -> None:
+    """Make an earlier head version current again (recorded in the audit log)."""
+    version = _open(bundle, opts).rollback(to, wait=wait)
+    click.echo(f"current head is now {version}")
+
+
+@device.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
+              help="Public key: refuse an unsigned or badly signed bundle.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=2 << 30, show_default=True,
+              help="Refuse archives that expand beyond this size.")
+def install(archive: Path, dest: Path, trust: Path | None, max_bytes: int) -> None:
+    """Install a bundle archive (from `edgetl bundle pack`) into DEST safely, keeping DEST's device state."""
+    from edgetl.transport import install as run_install
+
+    run_install(archive, dest, trust=trust, max_bytes=max_bytes)
+    click.echo(f"installed {archive} into {dest}")

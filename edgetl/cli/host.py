@@ -61,10 +61,12 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (pretrained export only).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (edgetl keys generate) to sign the bundle with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
            calib: Path | None, calib_size: int, max_drop: float, keep_failed: bool, profile: str | None,
-           image_size: int | None, opset: int, force: bool, quiet: bool) -> None:
+           image_size: int | None, opset: int, force: bool, sign_key: Path | None, quiet: bool) -> None:
     """Export the frozen feature extractor (ONNX FP32 reference + every format/precision asked for), gate each graph
     on accuracy against PyTorch, and pack a bundle."""
     from edgetl.cli._tables import extractor_table
@@ -86,6 +88,12 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
         bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",), precisions=precisions,
                             calib_size=calib_size, max_drop=max_drop, keep_failed=keep_failed, image_size=image_size,
                             opset=opset, force=force, progress=progress)
+    if sign_key is not None:
+        from edgetl.signing import sign_bundle
+
+        sign_bundle(bundle, sign_key)
     manifest = json.loads((bundle / "manifest.json").read_text())
     click.echo(f"exported {bundle} ({manifest['backbone']['id']}, {manifest['preprocessing']['input_size']} px)")
     click.echo(extractor_table(manifest["extractors"]))
+    if sign_key is not None:
+        click.echo(f"signed with {sign_key} ({bundle / 'manifest.sig'})")

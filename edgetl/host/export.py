@@ -213,7 +213,7 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
 
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "edgetl_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "created_unix": time.time(),
         "backbone": source | {"architecture": spec.architecture, "weights_sha256": spec.weights_sha256},
         "feature_dim": spec.feature_dim, "preprocessing": pp.to_dict(),
         "extractors": entries,

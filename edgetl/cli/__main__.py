@@ -1,0 +1,5 @@
+"""``python -m edgetl.cli``."""
+
+from edgetl.cli import main
+
+main()
