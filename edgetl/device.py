@@ -250,7 +250,7 @@ class DeviceRuntime:
                                                        "extractor_sha256": self.extractor_sha256,
                                                        "extractor": self.entry.file,
                                                        "status": "promoted" if promote else "candidate",
-                                                       "reason": reason}, train_keys=keys)
+                                                       "reason": reason}, train_keys=keys, train_labels=labels)
             if promote:
                 self.state.set_current(version)
             self.state.log("promote" if promote else "candidate", version=version, previous=previous,

@@ -57,5 +57,7 @@ def choose(bundle: Bundle, backend: str | None = None, precision: str | None = N
     wanted = f"{backend or 'any backend'}/{precision or 'any precision'}"
     if backend is None and not installed:
         raise RuntimeMissingError("no inference runtime is installed; install one: pip install 'edgetl[onnx]'")
+    extras = sorted({BACKENDS[e.format][3] for e in entries if e.format in BACKENDS} - set(installed))
+    hint = f"; or install a runtime for them: pip install 'edgetl[{','.join(extras)}]'" if extras else ""
     raise BundleError(f"bundle {bundle.path} has no usable {wanted} extractor for the runtimes installed here "
-                      f"({', '.join(installed) or 'none'}); it has {have}")
+                      f"({', '.join(installed) or 'none'}); it has {have}{hint}")

@@ -80,7 +80,15 @@ class DeviceState:
         except (OSError, ValueError):
             return None
 
-    def write_version(self, head: Head, meta: dict[str, Any], train_keys: np.ndarray | None = None) -> str:
+    def train_labels(self, version: str) -> np.ndarray | None:
+        """Class indices of the images ``version`` was trained on, aligned with :meth:`train_keys`."""
+        try:
+            return np.load(self.heads / version / "train_labels.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def write_version(self, head: Head, meta: dict[str, Any], train_keys: np.ndarray | None = None,
+                      train_labels: np.ndarray | None = None) -> str:
         """Write a new immutable version (not yet current) with the content hashes of its training images; return
         its name."""
         try:
@@ -92,6 +100,8 @@ class DeviceState:
             atomic_write(tmp / "head.npz", head.save)
             if train_keys is not None:
                 atomic_write(tmp / "train_keys.npy", lambda fh: np.save(fh, np.asarray(train_keys, dtype="U64")))
+            if train_labels is not None:
+                atomic_write(tmp / "train_labels.npy", lambda fh: np.save(fh, np.asarray(train_labels, dtype=np.int64)))
             atomic_write_json(tmp / "meta.json", meta | {"version": version, "head": head.kind,
                                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             os.replace(tmp, self.heads / version)

@@ -183,3 +183,57 @@ def install(archive: Path, dest: Path, trust: Path | None, max_bytes: int) -> No
 
     run_install(archive, dest, trust=trust, max_bytes=max_bytes)
     click.echo(f"installed {archive} into {dest}")
+
+
+@device.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def doctor(bundle: Path | None, as_json: bool) -> None:
+    """Describe this machine (arch, cores, memory, Python, runtimes, providers), suggest a profile, and say which of
+    BUNDLE's extractors can run here and why not."""
+    from edgetl.doctor import bundle_report, machine
+    from edgetl.profiles import get_profile
+
+    data = machine()
+    if bundle is not None:
+        data["extractors"] = bundle_report(bundle)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"machine   {data['arch']}, {data['cores']} cores, {data['memory_mb']} MB, Python {data['python']}, "
+               f"{data['libc']}")
+    for name, rt in data["runtimes"].items():
+        providers = f" providers {', '.join(rt['providers'])}" if "providers" in rt else ""
+        click.echo(f"runtime   {name}: {rt['package']} {rt['version']}{providers}")
+    if not data["runtimes"]:
+        click.echo("runtime   none installed: pip install 'edgetl[onnx]' (or [openvino], [tflite])")
+    prof = get_profile(data["suggested_profile"])
+    click.echo(f"profile   {prof.id}: {prof.description}; prefers {'/'.join(prof.backends)} {prof.precision}")
+    for note in prof.constraints:
+        click.echo(f"          note: {note}")
+    for e in data.get("extractors", []):
+        state = "runs here" if e["runnable"] else f"cannot run: {e['why_not']}"
+        click.echo(f"extractor {e['file']} ({e['format']}/{e['precision']}): {state}")
+
+
+@device.command()
+@_bundle_arg
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch for throughput.")
+@click.option("--runs", type=click.IntRange(min=10), default=100, show_default=True, help="Batch-1 timing runs.")
+@click.option("--json", "as_json", is_flag=True)
+@_runtime_options
+def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> None:
+    """Cold start, warm latency p50/p95 (batch 1), throughput (--batch), peak RSS and head-fit time."""
+    from edgetl.bench import bench as run_bench
+
+    result = run_bench(bundle, backend=opts["backend"], precision=opts["precision"], threads=opts["threads"],
+                       batch=batch, runs=runs, profile=opts["profile"])
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    fit = "n/a (no trained head)" if result["head_fit_s"] is None else \
+        f"{result['head_fit_s']:.3f} s on {result['head_fit_n']} stored embeddings"
+    click.echo(f"{result['file']} ({result['backend']}/{result['precision']}, threads {result['threads'] or 'all'})")
+    click.echo(f"cold start {result['cold_start_s']:.2f} s; batch 1 p50 {result['latency_ms_p50']:.2f} ms, p95 "
+               f"{result['latency_ms_p95']:.2f} ms; batch {batch} {result['images_per_s']:.1f} images/s; peak RSS "
+               f"{result['peak_rss_mb']:.0f} MB; head fit {fit}")

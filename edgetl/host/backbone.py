@@ -66,7 +66,8 @@ class _SamePadConv(nn.Conv2d):
     """Conv2d with TensorFlow's SAME padding (asymmetric for even totals), as the TF-trained weights expect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
+        # python ints: the input size is fixed per export, so the exported Pad is constant and folds into the Conv
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)

@@ -26,6 +26,7 @@ def optimize_fp32(ctx: ExportContext, out: Path) -> dict[str, Any]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
     ort.InferenceSession(str(ctx.onnx_fp32), options, providers=["CPUExecutionProvider"])
     return {"tool": f"onnxruntime {ort.__version__}", "optimization": "ORT_ENABLE_EXTENDED (offline)"}
 

@@ -1,0 +1,101 @@
+"""``edgetl device bench``: one JSON object of speed and memory figures, measured the same way every time.
+
+Cold start is a new Python process from its start to its first embedding (wall time, measured outside it); warm
+latency is batch 1 after warm-up; throughput at the given batch; peak RSS is that of a separate process that loads
+the bundle and runs the warm measurements (so this process's own memory never counts); head training is the time to fit
+the current head's kind on the embeddings in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from edgetl.device import DeviceRuntime
+args = json.loads(sys.argv[1])
+rt = DeviceRuntime(args["bundle"], backend=args["backend"], precision=args["precision"], threads=args["threads"],
+                   profile=args["profile"])
+pp = rt.bundle.preprocessing
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, (pp.input_size, pp.input_size, 3), dtype=np.uint8) for _ in range(args["batch"])]
+from edgetl.preprocess import preprocess_batch
+batch = preprocess_batch(images, pp)
+one = batch[:1]
+first = rt.embed_arrays(one)
+if args["mode"] == "cold":
+    print(json.dumps({"dim": int(first.shape[1])}))
+    sys.exit(0)
+for _ in range(5):
+    rt.embed_arrays(one)
+lat = []
+for _ in range(args["runs"]):
+    t = time.perf_counter(); rt.embed_arrays(one); lat.append(time.perf_counter() - t)
+rt.embed_arrays(batch)
+reps = max(1, args["runs"] // 10)
+t = time.perf_counter()
+for _ in range(reps):
+    rt.embed_arrays(batch)
+thr = reps * len(batch) / (time.perf_counter() - t)
+print(json.dumps({"latency_ms_p50": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
+                  "images_per_s": thr, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "backend": rt.backend, "precision": rt.precision, "file": rt.entry.file, "threads": rt.threads}))
+"""
+
+
+def _child(args: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        from edgetl.errors import StateError
+
+        raise StateError(f"benchmark process failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall
+
+
+def bench(bundle: str | Path, backend: str | None = None, precision: str | None = None, threads: int | None = None,
+          batch: int = 32, runs: int = 100, profile: str | None = None, cold_runs: int = 3) -> dict[str, Any]:
+    """Measure the bundle's chosen extractor; see the module docstring for what each figure means."""
+    import numpy as np
+
+    from edgetl.device import DeviceRuntime
+
+    rt = DeviceRuntime(bundle, backend=backend, precision=precision, threads=threads, profile=profile)
+    args = {"bundle": str(bundle), "backend": rt.backend, "precision": rt.precision, "threads": threads,
+            "profile": profile, "batch": batch, "runs": runs, "mode": "cold"}
+    cold = [_child(args)[1] for _ in range(cold_runs)]
+    warm, _ = _child(args | {"mode": "warm"})
+    result: dict[str, Any] = warm | {"cold_start_s": float(np.median(cold)), "batch": batch, "runs": runs}
+    result["head_fit_s"], result["head_fit_n"] = _head_fit_time(rt)
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def _head_fit_time(rt: Any) -> tuple[float | None, int]:
+    """Seconds to refit the current head's kind on its stored training embeddings (None without a trained head)."""
+    import numpy as np
+
+    from edgetl.heads import make_head
+    from edgetl.store import EmbeddingStore
+
+    version = rt.state.current()
+    if version is None:
+        return None, 0
+    keys = rt.state.train_keys(version)
+    labels = rt.state.train_labels(version)
+    if keys is None or labels is None:
+        return None, 0
+    store = EmbeddingStore(rt.bundle.state_dir / "store", rt.extractor_sha256)
+    rows = [store.get(str(k)) for k in keys]
+    if any(r is None for r in rows):
+        return None, 0
+    X = np.stack(rows)
+    start = time.perf_counter()
+    make_head(rt.state.meta(version).get("head", "softmax")).fit(X, labels)
+    return time.perf_counter() - start, len(X)

@@ -1,0 +1,201 @@
+"""Run every bad input we guard against through the real CLI and write what the user sees to docs/bad-inputs.md.
+
+    python tools/bad_inputs_table.py --out docs/bad-inputs.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgetl.cli import main
+from edgetl.demo import demo_split
+from edgetl.host.export import export
+from edgetl.signing import generate_keys, sign_bundle
+
+
+def main_() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("docs/bad-inputs.md"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgetl-bad-"))
+    pristine = export(work / "pristine", demo_split("train"), model="mobilenet_v2", image_size=64, calib_size=20)
+    key, pub = generate_keys(work / "host.key")
+    train, test = demo_split("train"), demo_split("test")
+    image = next(test.glob("bag/*.png"))
+    rows: list[tuple[str, str, int, str]] = []
+
+    def case(what: str, prepare: Callable[[Path], list[str]], trained: bool = True) -> None:
+        bundle = work / f"b{len(rows)}"
+        shutil.copytree(pristine, bundle)
+        if trained:
+            CliRunner().invoke(main, ["device", "train", str(bundle), "--data", str(train), "--quiet"])
+        before = (bundle / "state" / "current").read_text() if (bundle / "state" / "current").exists() else None
+        argv = prepare(bundle)
+        res = CliRunner().invoke(main, argv)
+        after = (bundle / "state" / "current").read_text() if (bundle / "state" / "current").exists() else None
+        shown = " ".join(a if not a.startswith(str(work)) else "…" + a[len(str(work)):] for a in argv)
+        msg = res.stderr.strip().replace(str(work), "…").replace(str(Path.cwd()), ".").replace("|", "\\|")
+        state = "unchanged" if before == after else f"{before} → {after}"
+        rows.append((what, f"`edgetl {shown}`", res.exit_code, f"{msg} *(current head {state})*"))
+
+    def folder(spec: dict[str, int], extra: Callable[[Path], None] | None = None) -> Path:
+        root = Path(tempfile.mkdtemp(dir=work))
+        for name, n in spec.items():
+            (root / name).mkdir()
+            for p in sorted((train / name).glob("*.png"))[:n]:
+                shutil.copy(p, root / name / p.name)
+        if extra:
+            extra(root)
+        return root
+
+    def flip(name: str) -> Callable[[Path], list[str]]:
+        def go(b: Path) -> list[str]:
+            data = bytearray((b / name).read_bytes())
+            data[len(data) // 2] ^= 1
+            (b / name).write_bytes(bytes(data))
+            return ["device", "predict", str(b), str(image)]
+        return go
+
+    case("empty data folder", lambda b: ["device", "train", str(b), "--data", str(folder({}))])
+    case("one class only", lambda b: ["device", "train", str(b), "--data", str(folder({"bag": 5}))])
+    case("corrupt image in the data", lambda b: ["device", "train", str(b), "--data", str(folder(
+        {"bag": 5, "coat": 5}, lambda r: (r / "coat" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage"))), "--quiet"])
+    case("zero-byte image", lambda b: ["device", "train", str(b), "--data", str(folder(
+        {"bag": 5, "coat": 5}, lambda r: (r / "coat" / "empty.png").write_bytes(b""))), "--quiet"])
+    case("loose images, no class folders", lambda b: ["device", "train", str(b), "--data", str(folder(
+        {}, lambda r: shutil.copy(image, r / "a.png")))])
+    case("image file that does not exist", lambda b: ["device", "predict", str(b), str(work / "nope.png")])
+
+    def bomb(b: Path) -> list[str]:
+        from PIL import Image
+
+        Image.new("1", (9000, 9000)).save(work / "bomb.png")
+        return ["device", "predict", str(b), str(work / "bomb.png")]
+    case("decompression bomb (81 MP)", bomb)
+    case("predict before any head", lambda b: ["device", "predict", str(b), str(image)], trained=False)
+    case("bundle folder missing", lambda b: ["device", "info", str(work / "nowhere")])
+    case("manifest missing", lambda b: ((b / "manifest.json").unlink(), ["device", "info", str(b)])[1])
+    case("manifest not JSON", lambda b: ((b / "manifest.json").write_text("{oops"), ["device", "info", str(b)])[1])
+
+    def newer(b: Path) -> list[str]:
+        m = json.loads((b / "manifest.json").read_text())
+        m["schema_version"] = 99
+        (b / "manifest.json").write_text(json.dumps(m))
+        return ["device", "info", str(b)]
+    case("bundle from a newer schema", newer)
+    case("flipped byte in the extractor", flip("extractor.onnx"))
+    case("flipped byte in the golden vectors", flip("golden.npz"))
+
+    def truncated(b: Path) -> list[str]:
+        p = b / "extractor.onnx"
+        p.write_bytes(p.read_bytes()[:4096])
+        return ["device", "train", str(b), "--data", str(train)]
+    case("truncated extractor", truncated)
+
+    def swapped(b: Path) -> list[str]:
+        from edgetl.bundle import file_entry
+
+        other = export(work / "other", demo_split("train"), model="efficientnet_lite0", image_size=64, calib_size=20,
+                       force=True)
+        shutil.copy(other / "extractor.onnx", b / "extractor.onnx")
+        m = json.loads((b / "manifest.json").read_text())
+        m["files"]["extractor.onnx"] = file_entry(b / "extractor.onnx")
+        (b / "manifest.json").write_text(json.dumps(m))
+        return ["device", "verify", str(b)]
+    case("extractor swapped, hashes rewritten", swapped)
+    case("unsigned bundle, trusted key required", lambda b: ["device", "info", str(b), "--trust", str(pub)])
+
+    def badsig(b: Path) -> list[str]:
+        other, _ = generate_keys(work / f"other{len(rows)}.key")
+        sign_bundle(b, other)
+        return ["device", "info", str(b), "--trust", str(pub)]
+    case("signed by another key", badsig)
+
+    def edited_after_signing(b: Path) -> list[str]:
+        sign_bundle(b, key)
+        m = json.loads((b / "manifest.json").read_text())
+        m["labels"] = ["cat", "dog"]
+        (b / "manifest.json").write_text(json.dumps(m))
+        return ["device", "info", str(b), "--trust", str(pub)]
+    case("labels edited after signing", edited_after_signing)
+
+    def replay(b: Path) -> list[str]:
+        old = (b / "manifest.json").read_text()
+        m = json.loads(old)
+        m["created_unix"] += 100
+        (b / "manifest.json").write_text(json.dumps(m))
+        sign_bundle(b, key)
+        CliRunner().invoke(main, ["device", "info", str(b), "--trust", str(pub)])
+        (b / "manifest.json").write_text(old)
+        sign_bundle(b, key)
+        return ["device", "info", str(b), "--trust", str(pub)]
+    case("replayed older signed manifest", replay)
+
+    def evil_archive(member: tarfile.TarInfo, what: str) -> None:
+        def go(b: Path) -> list[str]:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                tar.addfile(member, io.BytesIO(b"x") if member.isfile() else None)
+            (work / f"{what}.tar.gz").write_bytes(buf.getvalue())
+            return ["device", "install", str(work / f"{what}.tar.gz"), str(b)]
+        case(f"archive with {what}", go)
+
+    for name, kind, what in (("/etc/evil", tarfile.REGTYPE, "an absolute path"), ("../evil", tarfile.REGTYPE, "'..'"),
+                             ("link", tarfile.SYMTYPE, "a symlink"), ("dev", tarfile.CHRTYPE, "a device file")):
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.size = 1 if kind == tarfile.REGTYPE else 0
+        info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+        evil_archive(info, what)
+
+    def truncated_archive(b: Path) -> list[str]:
+        CliRunner().invoke(main, ["bundle", "pack", str(pristine), str(work / "ok.tar.gz")])
+        raw = (work / "ok.tar.gz").read_bytes()
+        (work / "cut.tar.gz").write_bytes(raw[: len(raw) // 2])
+        return ["device", "install", str(work / "cut.tar.gz"), str(b)]
+    case("truncated archive", truncated_archive)
+    case("archive larger than the limit", lambda b: (CliRunner().invoke(
+        main, ["bundle", "pack", str(pristine), str(work / "ok.tar.gz")]),
+        ["device", "install", str(work / "ok.tar.gz"), str(b), "--max-bytes", "1000"])[1])
+    case("runtime not installed (here: unknown backend name)", lambda b: ["device", "info", str(b), "--backend",
+                                                                           "tensorrt"])
+    case("extractor precision not in the bundle", lambda b: ["device", "info", str(b), "--precision", "int8"])
+    case("rollback to a version that does not exist", lambda b: ["device", "rollback", str(b), "--to", "v0042"])
+
+    def locked(b: Path) -> list[str]:
+        import subprocess
+        import sys
+        import time
+
+        proc = subprocess.Popen([sys.executable, "-c", "import time; from edgetl.state import DeviceState; "
+                                 f"from pathlib import Path\nwith DeviceState(Path({str(b / 'state')!r})).writer():\n"
+                                 " time.sleep(8)"])
+        time.sleep(2)
+        locked.proc = proc  # type: ignore[attr-defined]
+        return ["device", "train", str(b), "--data", str(train)]
+    case("second trainer while one runs", locked)
+    locked.proc.kill()  # type: ignore[attr-defined]
+
+    lines = ["# Bad inputs and what the user sees", "",
+             "Every row was produced by `python tools/bad_inputs_table.py` through the real CLI (click's CliRunner) on "
+             "a real MobileNetV2 bundle; paths are shortened to `…`. Exit code 1 is an error edgetl detected; 2 is a "
+             "bad flag. Corrupt or zero-byte images **fail** the command (naming the file) rather than being "
+             "skipped, so a training set is never silently smaller than the user thinks; the current head is kept.",
+             "", "| bad input | command | exit | what the user sees |", "|---|---|---|---|"]
+    lines += [f"| {w} | {c} | {code} | {m} |" for w, c, code, m in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out} ({len(rows)} cases)")
+
+
+if __name__ == "__main__":
+    main_()
