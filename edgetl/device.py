@@ -117,7 +117,7 @@ class DeviceRuntime:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             for i, image in enumerate(chunk):
-                buf[i] = preprocess_image(image, pp)
+                preprocess_image(image, pp, out=buf[i])
             out[start:start + len(chunk)] = self.extractor.embed(buf[:len(chunk)])
         return out
 

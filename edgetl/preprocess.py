@@ -48,8 +48,10 @@ def to_rgb(image: Any) -> Any:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def preprocess_image(image: Any, pp: Preprocessing) -> npt.NDArray[np.float32]:
-    """One image → float32 array of shape ``(3, S, S)`` (``S = pp.input_size``)."""
+def preprocess_image(image: Any, pp: Preprocessing,
+                     out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+    """One image → float32 array of shape ``(3, S, S)`` (``S = pp.input_size``), written into ``out`` when given
+    (one float buffer per image, normalised in place, one transposing copy into the batch)."""
     from PIL import Image
 
     rgb = to_rgb(image)
@@ -61,19 +63,21 @@ def preprocess_image(image: Any, pp: Preprocessing) -> npt.NDArray[np.float32]:
     rgb = rgb.resize((new_w, new_h), resample=Image.Resampling(_RESAMPLE.get(pp.interpolation, 2)))
     left, top = (new_w - pp.input_size) // 2, (new_h - pp.input_size) // 2
     rgb = rgb.crop((left, top, left + pp.input_size, top + pp.input_size))
-    array = np.asarray(rgb, dtype=np.float32)  # (S, S, 3)
+    array = np.asarray(rgb, dtype=np.float32)  # (S, S, 3), a fresh buffer
     if pp.channels.upper() == "BGR":
         array = array[:, :, ::-1]
-    scale = np.float32(pp.scale)
-    mean = np.asarray(pp.mean, dtype=np.float32)
     std = np.asarray(pp.std, dtype=np.float32)
-    array = (array / scale - mean) / std
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    array *= 1.0 / (np.float32(pp.scale) * std)  # (x / scale - mean) / std  ==  x * a - b
+    array -= np.asarray(pp.mean, dtype=np.float32) / std
+    if out is None:
+        out = np.empty((3, pp.input_size, pp.input_size), dtype=np.float32)
+    np.copyto(out, array.transpose(2, 0, 1))
+    return out
 
 
 def preprocess_batch(images: list[Any], pp: Preprocessing) -> npt.NDArray[np.float32]:
     """Several images → float32 array ``(N, 3, S, S)``, written in place into one buffer."""
     out = np.empty((len(images), 3, pp.input_size, pp.input_size), dtype=np.float32)
     for i, image in enumerate(images):
-        out[i] = preprocess_image(image, pp)
+        preprocess_image(image, pp, out=out[i])
     return out

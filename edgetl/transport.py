@@ -87,6 +87,8 @@ def install(archive: str | os.PathLike[str], dest: str | os.PathLike[str], trust
                         raise BundleError(f"archive member {member.name!r} cannot be read; refusing the archive")
                     with source, open(target, "wb") as fh:
                         shutil.copyfileobj(source, fh)
+            except BundleError:
+                raise
             except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
                 raise BundleError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc}); copy it again") \
                     from exc

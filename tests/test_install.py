@@ -66,3 +66,17 @@ def test_other_device_extras_without_torch(extra: str, engine: str, tmp_path_fac
     # the bundle only has an ONNX graph: the device says which extra would run it
     info = run(env, "edgetl", "device", "info", str(bundle), cwd=tmp_path)
     assert info.returncode == 1 and "pip install 'edgetl[onnx]'" in info.stderr and "Traceback" not in info.stderr
+
+
+def test_onnx_extra_resolves_for_aarch64() -> None:
+    """pip, asked for manylinux aarch64 / CPython 3.11 binary wheels (nothing installed), resolves .[onnx] without
+    torch."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from check_platform_wheels import resolve
+    finally:
+        sys.path.pop(0)
+    packages = resolve("onnx", "manylinux_2_28_aarch64", "3.11")
+    assert "onnxruntime" in packages and "numpy" in packages and "torch" not in packages

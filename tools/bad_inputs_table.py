@@ -42,8 +42,9 @@ def main_() -> None:
         argv = prepare(bundle)
         res = CliRunner().invoke(main, argv)
         after = (bundle / "state" / "current").read_text() if (bundle / "state" / "current").exists() else None
-        shown = " ".join(a if not a.startswith(str(work)) else "…" + a[len(str(work)):] for a in argv)
-        msg = res.stderr.strip().replace(str(work), "…").replace(str(Path.cwd()), ".").replace("|", "\\|")
+        shown = " ".join(a.replace(str(work), "…").replace(str(Path.cwd()) + "/", "./") for a in argv)
+        msg = res.stderr.strip().replace(str(work), "…").replace(str(Path.cwd()) + "/", "./").replace("|", "\\|")
+        msg = " / ".join(line.strip() for line in msg.splitlines() if line.strip())
         state = "unchanged" if before == after else f"{before} → {after}"
         rows.append((what, f"`edgetl {shown}`", res.exit_code, f"{msg} *(current head {state})*"))
 
@@ -166,8 +167,17 @@ def main_() -> None:
     case("archive larger than the limit", lambda b: (CliRunner().invoke(
         main, ["bundle", "pack", str(pristine), str(work / "ok.tar.gz")]),
         ["device", "install", str(work / "ok.tar.gz"), str(b), "--max-bytes", "1000"])[1])
-    case("runtime not installed (here: unknown backend name)", lambda b: ["device", "info", str(b), "--backend",
-                                                                           "tensorrt"])
+    def missing_runtime(b: Path) -> list[str]:
+        import edgetl.selection
+
+        edgetl.selection.installed_backends = lambda: ["onnx"]  # as on a device without OpenVINO
+        return ["device", "info", str(b), "--backend", "openvino"]
+    case("runtime not installed (OpenVINO hidden)", missing_runtime)
+    import edgetl.runtime
+    import edgetl.selection
+
+    edgetl.selection.installed_backends = edgetl.runtime.installed_backends
+    case("unknown backend name (a bad flag)", lambda b: ["device", "info", str(b), "--backend", "tensorrt"])
     case("extractor precision not in the bundle", lambda b: ["device", "info", str(b), "--precision", "int8"])
     case("rollback to a version that does not exist", lambda b: ["device", "rollback", str(b), "--to", "v0042"])
 
