@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.data import scan_image_folder
-from edgetl.datasets.fashion_mnist import load_split, write_image_folder
+from edgetl.datasets.fashion_mnist import write_image_folder
 from edgetl.device import DeviceRuntime
 from edgetl.heads import SoftmaxHead
 from edgetl.host.export import export

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgetl.errors import DataError
-from edgetl.heads.base import FloatArray, Head, check_Xy, softmax
+from edgetl.heads.base import FloatArray, Head, check_Xy
 
 
 class SoftmaxHead(Head):
