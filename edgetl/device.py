@@ -63,10 +63,12 @@ class DeviceRuntime:
     def __init__(self, bundle: str | os.PathLike[str], backend: str | None = None, precision: str | None = None,
                  profile: str | None = None, threads: int | None = None, batch_size: int | None = None,
                  trust: str | os.PathLike[str] | None = None):
-        self.bundle = Bundle.load(bundle, trust=trust)
-        if trust is not None:
-            self._check_replay()
+        self.bundle = Bundle.load(bundle)
         choice = choose(self.bundle, backend, precision, profile, threads)
+        trust = trust if trust is not None else choice.profile.trust
+        if trust is not None:
+            self.bundle = Bundle.load(bundle, trust=trust)
+            self._check_replay()
         self.profile = choice.profile
         self.entry = choice.entry
         self.backend = choice.entry.format
@@ -76,6 +78,7 @@ class DeviceRuntime:
         self.batch_size = batch_size or choice.profile.batch_size or 32
         self.extractor_sha256 = self.bundle.sha256(self.entry.file)
         self._extractor: FeatureExtractor | None = None
+        self._golden: dict[str, Any] = {}
 
     def _check_replay(self) -> None:
         """A signed bundle older than one this device already accepted is a replay: refuse it; else record it."""
@@ -99,10 +102,13 @@ class DeviceRuntime:
     # ------------------------------------------------------------------------------------------------------ embedding
     @property
     def extractor(self) -> FeatureExtractor:
+        """The runtime session, created once; before first use it must reproduce the bundle's golden vectors."""
         if self._extractor is None:
             options = {"providers": self.providers} if self.providers else {}
-            self._extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
-                                             threads=self.threads, **options)
+            extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
+                                       threads=self.threads, **options)
+            self._golden = self._check_golden(extractor)
+            self._extractor = extractor
         return self._extractor
 
     def embed_arrays(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -322,18 +328,23 @@ class DeviceRuntime:
                 "per_class_accuracy": per_class}
 
     def verify(self) -> dict[str, Any]:
-        """Run the bundle's golden inputs through this device's runtime and compare with the host's embeddings.
+        """Every check: schema and every file's sha256 (done when the bundle was loaded), the signature when a trusted
+        key was given, and the golden vectors run through this device's runtime. Returns the measured error."""
+        self.extractor  # noqa: B018 - creating the session runs the golden check
+        return self._golden
 
-        (File sizes and sha256 were already checked when the bundle was loaded.) Raises :class:`BundleError` on a
-        mismatch; returns the measured error otherwise.
-        """
+    def _check_golden(self, extractor: FeatureExtractor) -> dict[str, Any]:
         golden = self.bundle.golden(self.entry)
         if golden is None:
             return {"golden": "absent"}
         inputs, expected, tolerance = golden
         from edgetl.metrics import compare_embeddings
 
-        report = compare_embeddings(expected, self.embed_arrays(inputs))
+        try:
+            report = compare_embeddings(expected, extractor.embed(inputs))
+        except DataError as exc:
+            raise BundleError(f"golden vectors of {self.entry.file} do not fit its graph ({exc}); re-export the bundle") \
+                from exc
         if report["max_abs_diff"] > tolerance.get("max_abs", np.inf) or report["min_cosine"] < tolerance["min_cosine"]:
             raise BundleError(f"golden vectors fail for {self.entry.file} on this device's {self.backend} runtime: max "
                               f"abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} (limits "

@@ -30,6 +30,8 @@ class DeviceProfile:
     batch_size: int
     memory_budget_mb: int
     constraints: tuple[str, ...] = field(default_factory=tuple)
+    #: public key file every bundle must be signed with on this device (None: signatures optional)
+    trust: str | None = None
 
 
 def _parse(path: Path) -> DeviceProfile:
@@ -40,13 +42,16 @@ def _parse(path: Path) -> DeviceProfile:
             memory_mb=int(d["memory_mb"]), backends=tuple(map(str, d["backends"])),
             onnx_providers=tuple(map(str, d["onnx_providers"])), threads=int(d["threads"]),
             precision=str(d["precision"]), batch_size=int(d["batch_size"]), memory_budget_mb=int(d["memory_budget_mb"]),
-            constraints=tuple(map(str, d.get("constraints", []))))
+            constraints=tuple(map(str, d.get("constraints", []))), trust=d.get("trust"))
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"{path}: malformed device profile ({exc!r})") from exc
     if profile.precision not in PRECISIONS:
         raise RegistryError(f"{path}: precision {profile.precision!r} is not one of {', '.join(PRECISIONS)}")
     if not profile.backends:
         raise RegistryError(f"{path}: a profile needs at least one backend")
+    unknown = set(profile.backends) - {"onnx", "openvino", "tflite"}
+    if unknown:
+        raise RegistryError(f"{path}: unknown backends {sorted(unknown)}; use onnx, openvino, tflite")
     return profile
 
 

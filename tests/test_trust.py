@@ -160,3 +160,36 @@ def test_archive_size_limit_and_truncation(bundle: Path, tmp_path: Path) -> None
     res = CliRunner().invoke(main, ["device", "install", str(cut), str(tmp_path / "d")])
     assert res.exit_code == 1 and "truncated or corrupt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_swapped_extractor_fails_every_command(bundle: Path, demo_test: Path) -> None:
+    """The golden vectors run when the session is first created, so training refuses the swapped graph too."""
+    pytest.importorskip("onnx")
+    from edgetl.bundle import file_entry
+    from tests.test_onnx_quant import _garbage_converter
+
+    _garbage_converter(None, bundle / "extractor.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["extractor.onnx"] = file_entry(bundle / "extractor.onnx")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, ["device", "train", str(bundle), "--data", str(demo_test), "--quiet"])
+    assert res.exit_code == 1 and "golden vectors fail" in res.stderr
+    assert not (bundle / "state" / "current").exists()
+
+
+def test_profile_trust_file(bundle: Path, keypair: tuple[Path, Path], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgetl._resources import registry_dir
+
+    key, pub = keypair
+    profiles = tmp_path / "devices"
+    profiles.mkdir()
+    for p in registry_dir("devices").glob("*.toml"):
+        (profiles / p.name).write_text(p.read_text())
+    with open(profiles / "generic-cpu.toml", "a") as fh:
+        fh.write(f'trust = "{pub}"\n')
+    monkeypatch.setenv("EDGETL_DEVICES_DIR", str(profiles))
+    with pytest.raises(BundleError, match="not signed"):
+        DeviceRuntime(bundle, profile="generic-cpu")
+    sign_bundle(bundle, key)
+    assert DeviceRuntime(bundle, profile="generic-cpu").verify()["golden"] == "ok"
