@@ -106,3 +106,12 @@ def test_bad_flag_exits_2(bundle: Path) -> None:
 def test_fashion_mnist_converter_errors(tmp_path: Path) -> None:
     code, _, err = run("data", "fashion-mnist", "--out", str(tmp_path / "o"), "--source", str(tmp_path))
     assert_one_line_error(code, err, "dataset-fashion-mnist")
+
+
+@pytest.mark.parametrize("head", ["ncm", "knn", "imprint"])
+def test_other_heads_through_the_cli(head: str, bundle: Path, demo_train: Path, demo_test: Path) -> None:
+    code, _, err = run("device", "train", str(bundle), "--data", str(demo_train), "--head", head, "--quiet")
+    assert code == 0, err
+    code, out, err = run("device", "evaluate", str(bundle), "--data", str(demo_test), "--json")
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] > 0.5

@@ -74,3 +74,20 @@ def test_deterministic_with_seed(kind: str) -> None:
 def test_unknown_head() -> None:
     with pytest.raises(DataError, match="unknown head"):
         make_head("forest")
+
+
+@pytest.mark.parametrize("kind", ["ncm", "knn", "imprint"])
+def test_partial_fit_adds_a_class_without_forgetting(kind: str) -> None:
+    X, y = clusters(classes=4)
+    head = make_head(kind).fit(X[y < 3], y[y < 3])
+    head.partial_fit(X[y == 3], y[y == 3])
+    X2, y2 = clusters(classes=4, seed=0)
+    X2 = X2 + np.random.default_rng(9).normal(0, 0.5, X2.shape).astype(np.float32)
+    assert (head.predict(X2) == y2).mean() > 0.95
+
+
+def test_imprint_partial_fit_is_exact() -> None:
+    X, y = clusters()
+    whole = make_head("imprint", scale=10.0).fit(X, y)
+    parts = make_head("imprint", scale=10.0).fit(X[::2], y[::2]).partial_fit(X[1::2], y[1::2])
+    np.testing.assert_allclose(parts.prototypes(), whole.prototypes(), atol=1e-6)

@@ -42,7 +42,9 @@ def device() -> None:
 @device.command()
 @_bundle_arg
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="ImageFolder of local data.")
-@click.option("--head", type=click.Choice(["softmax"]), default="softmax", show_default=True)
+@click.option("--head", type=click.Choice(["softmax", "ncm", "knn", "imprint"]), default="softmax",
+              show_default=True, help="softmax: L-BFGS logistic regression; ncm: nearest class mean; knn: cosine "
+                                      "k-NN; imprint: cosine classifier from class means.")
 @click.option("--val-split", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
               help="Held-out fraction for the reported accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)

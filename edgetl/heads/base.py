@@ -54,7 +54,7 @@ class Head(ABC):
         """Write settings and learned arrays to one ``.npz`` path or binary file (no pickled objects)."""
         self._check_fitted()
         arrays = {name: np.asarray(getattr(self, name)) for name in self._arrays}
-        meta = json.dumps({"kind": self.kind, "params": self.get_params()})
+        meta = json.dumps({"kind": self.kind, "params": self.get_params()}, default=float)
         np.savez(file, __meta__=np.array(meta), **arrays)
 
     @classmethod

@@ -1,0 +1,157 @@
+"""Training-free and few-shot heads on embeddings: nearest class mean (SimpleShot), cosine k-nearest neighbours and
+weight imprinting. All work on L2-normalised features; NCM and imprinting keep per-class sums and counts, so adding
+samples (``partial_fit``) updates them exactly."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from edgetl.errors import DataError
+from edgetl.heads.base import FloatArray, Head, check_Xy, softmax
+
+
+def _normalise(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def _two_classes(y: np.ndarray) -> None:
+    if len(np.unique(y)) < 2:
+        raise DataError("a head needs samples of at least two classes; found one")
+
+
+class _Prototypes(Head):
+    """Shared machinery: optional centring mean, per-class sums of normalised features and counts."""
+
+    _arrays: ClassVar[tuple[str, ...]] = ("centre_", "sums_", "counts_", "scale_")
+    center: bool = True
+
+    def __init__(self, scale: float | None = None, seed: int = 0):
+        self.scale = scale
+        self.seed = seed
+
+    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> _Prototypes:
+        X, y = check_Xy(X, y)
+        assert y is not None
+        _two_classes(y)
+        self.centre_ = X.mean(axis=0).astype(np.float32) if self.center else np.zeros(X.shape[1], np.float32)
+        n_classes = int(y.max()) + 1
+        self.sums_ = np.zeros((n_classes, X.shape[1]), dtype=np.float64)
+        self.counts_ = np.zeros(n_classes, dtype=np.int64)
+        self._accumulate(X, y)
+        self.scale_ = np.float32(self.scale if self.scale is not None else self._fit_scale(X, y))
+        return self
+
+    def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> _Prototypes:
+        """Add samples (new classes allowed) without revisiting old ones; the centring mean stays that of ``fit``."""
+        if not hasattr(self, "sums_"):
+            return self.fit(X, y)
+        X, y = check_Xy(X, y)
+        assert y is not None
+        grow = int(y.max()) + 1 - len(self.counts_)
+        if grow > 0:
+            self.sums_ = np.vstack([self.sums_, np.zeros((grow, self.sums_.shape[1]))])
+            self.counts_ = np.concatenate([self.counts_, np.zeros(grow, dtype=np.int64)])
+        self._accumulate(X, y)
+        return self
+
+    def _accumulate(self, X: np.ndarray, y: np.ndarray) -> None:
+        if X.shape[1] != self.sums_.shape[1]:
+            raise DataError(f"expected embeddings with {self.sums_.shape[1]} features, found {X.shape[1]}")
+        np.add.at(self.sums_, y, _normalise(X - self.centre_).astype(np.float64))
+        np.add.at(self.counts_, y, 1)
+
+    def prototypes(self) -> np.ndarray:
+        """Normalised class means ``(C, D)`` (zero rows for classes without samples)."""
+        means = self.sums_ / np.maximum(self.counts_, 1)[:, None]
+        return _normalise(means).astype(np.float32)
+
+    def _cosines(self, X: npt.ArrayLike) -> np.ndarray:
+        self._check_fitted()
+        X, _ = check_Xy(X)
+        if X.shape[1] != self.sums_.shape[1]:
+            raise DataError(f"expected embeddings with {self.sums_.shape[1]} features, found {X.shape[1]}; the head "
+                            "was trained for another extractor")
+        scores = _normalise(X - self.centre_) @ self.prototypes().T
+        scores[:, self.counts_ == 0] = -1e9  # classes without samples are never predicted
+        return scores
+
+    def decision_function(self, X: npt.ArrayLike) -> FloatArray:
+        return (self._cosines(X) * self.scale_).astype(np.float32)
+
+    def _fit_scale(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Softmax temperature of the cosine scores: the scale in [1, 100] (log grid) of lowest training NLL."""
+        cos = _normalise(X - self.centre_) @ self.prototypes().T
+        best, best_nll = 10.0, np.inf
+        for s in np.geomspace(1.0, 100.0, 25):
+            p = softmax(cos * s)
+            nll = float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean())
+            if nll < best_nll:
+                best, best_nll = float(s), nll
+        return best
+
+
+class NCMHead(_Prototypes):
+    """Nearest class mean with mean-centring and L2 normalisation (SimpleShot). Training-free: fitting is a sum."""
+
+    kind: ClassVar[str] = "ncm"
+    center = True
+
+
+class ImprintHead(_Prototypes):
+    """Weight imprinting: normalised class means of the (uncentred) normalised embeddings are the weights of a cosine
+    classifier whose scale is fitted on the training data (or fixed with ``scale``)."""
+
+    kind: ClassVar[str] = "imprint"
+    center = False
+
+
+class KNNHead(Head):
+    """Cosine k-nearest neighbours over the stored (normalised) training embeddings; votes weighted by similarity."""
+
+    kind: ClassVar[str] = "knn"
+    _arrays: ClassVar[tuple[str, ...]] = ("X_", "y_", "n_classes_")
+
+    def __init__(self, k: int = 5, seed: int = 0):
+        self.k = k
+        self.seed = seed
+
+    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> KNNHead:
+        X, y = check_Xy(X, y)
+        assert y is not None
+        _two_classes(y)
+        self.X_ = _normalise(X).astype(np.float32)
+        self.y_ = y
+        self.n_classes_ = np.int64(int(y.max()) + 1)
+        return self
+
+    def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> KNNHead:
+        if not hasattr(self, "X_"):
+            return self.fit(X, y)
+        X, y = check_Xy(X, y)
+        assert y is not None
+        self.X_ = np.vstack([self.X_, _normalise(X).astype(np.float32)])
+        self.y_ = np.concatenate([self.y_, y])
+        self.n_classes_ = np.int64(max(int(self.n_classes_), int(y.max()) + 1))
+        return self
+
+    def decision_function(self, X: npt.ArrayLike) -> FloatArray:
+        """Similarity-weighted votes per class, shape ``(N, C)``; :meth:`predict_proba` normalises them."""
+        self._check_fitted()
+        X, _ = check_Xy(X)
+        if X.shape[1] != self.X_.shape[1]:
+            raise DataError(f"expected embeddings with {self.X_.shape[1]} features, found {X.shape[1]}; the head "
+                            "was trained for another extractor")
+        sims = _normalise(X) @ self.X_.T
+        k = min(self.k, len(self.y_))
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(X), int(self.n_classes_)), dtype=np.float32)
+        rows = np.repeat(np.arange(len(X)), k)
+        np.add.at(votes, (rows, self.y_[idx].ravel()), np.maximum(sims[rows, idx.ravel()], 0.0) + 1e-6)
+        return votes
+
+    def predict_proba(self, X: npt.ArrayLike) -> FloatArray:
+        votes = self.decision_function(X)
+        return (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
