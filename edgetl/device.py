@@ -63,16 +63,16 @@ class DeviceRuntime:
     def __init__(self, bundle: str | os.PathLike[str], backend: str | None = None, precision: str | None = None,
                  profile: str | None = None, threads: int | None = None, batch_size: int | None = None,
                  trust: str | os.PathLike[str] | None = None):
-        self.bundle = Bundle.load(bundle)
-        choice = choose(self.bundle, backend, precision, profile, threads)
+        # the profile (which may name a trusted key) is chosen from the manifest; then one full verification pass
+        choice = choose(Bundle.load(bundle, verify=False), backend, precision, profile, threads)
         trust = trust if trust is not None else choice.profile.trust
+        self.bundle = Bundle.load(bundle, trust=trust)
         if trust is not None:
-            self.bundle = Bundle.load(bundle, trust=trust)
             self._check_replay()
         self.profile = choice.profile
-        self.entry = choice.entry
-        self.backend = choice.entry.format
-        self.precision = choice.entry.precision
+        self.entry = self.bundle.extractor(choice.entry.format, choice.entry.precision)  # from the verified manifest
+        self.backend = self.entry.format
+        self.precision = self.entry.precision
         self.threads = choice.threads
         self.providers = choice.providers
         self.batch_size = batch_size or choice.profile.batch_size or 32
