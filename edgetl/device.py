@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +130,14 @@ class DeviceRuntime:
     def embed_paths(self, paths: Sequence[Path], cache: bool = True,
                     progress: Progress = _no_progress) -> tuple[npt.NDArray[np.float32], int]:
         """Embed image files, reading cached embeddings from the store. Returns (embeddings (N, D), number cached)."""
+        embeddings, _, cached = self._embed_keyed(paths, cache, progress)
+        return embeddings, cached
+
+    def _embed_keyed(self, paths: Sequence[Path], cache: bool = True, progress: Progress = _no_progress
+                     ) -> tuple[npt.NDArray[np.float32], np.ndarray, int]:
+        """(embeddings (N, D), content hashes (N,), number read from the store)."""
         store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) if cache else None
-        keys = [content_hash(p) for p in paths] if store is not None else [""] * len(paths)
+        keys = [content_hash(p) for p in paths]
         out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
         todo: list[int] = []
         for i, key in enumerate(keys):
@@ -157,7 +163,7 @@ class DeviceRuntime:
                 store.save()
             except OSError as exc:
                 log.warning("embedding cache not saved (%s); embeddings will be recomputed next time", exc)
-        return out, cached
+        return out, np.array(keys, dtype="U64"), cached
 
     # ---------------------------------------------------------------------------------------------------- head state
     @property
@@ -225,44 +231,145 @@ class DeviceRuntime:
     # ------------------------------------------------------------------------------------------------------ training
     def train(self, data: str | os.PathLike[str] | ImageFolder, head: str = "softmax", val_split: float = 0.2,
               seed: int = 0, tolerance: float = 0.02, force: bool = False, wait: float = 0.0,
-              progress: Progress = _no_progress, **head_params: Any) -> TrainReport:
+              shots: int | None = None, incremental: bool = False, progress: Progress = _no_progress,
+              **head_params: Any) -> TrainReport:
         """Embed ``data`` (ImageFolder), fit a new head, measure it on a held-out part and write it as a new version.
 
-        Promote gate: the new head becomes current unless the current head (same classes) is more accurate on the
-        same held-out images by more than ``tolerance``; then it is kept as a candidate (``force`` promotes anyway).
+        ``shots``: use at most that many images per class (seeded). ``incremental``: the new images join the current
+        head's training set (read from the embedding store, never re-embedded); classes are matched by name.
+        Promote gate: the new head becomes current unless the current head (same classes) is more accurate on
+        held-out images by more than ``tolerance``; then it is kept as a candidate (``force`` promotes anyway).
         """
         folder = data if isinstance(data, ImageFolder) else scan_image_folder(data)
+        if shots is not None:
+            folder = _take_shots(folder, shots, seed)
         with self.state.writer(wait):
-            embeddings, cached = self.embed_paths(folder.paths, progress=progress)
-            labels = folder.labels
-            train_idx, val_idx = stratified_split(labels, val_split, seed)
-            if len(np.unique(labels[train_idx])) < 2:
-                raise DataError(f"{folder.root}: too few images to train after holding out {val_split:.0%}; add images")
-            model = make_head(head, seed=seed, **head_params)
-            start = time.perf_counter()
-            model.fit(embeddings[train_idx], labels[train_idx])
-            fit_seconds = time.perf_counter() - start
-            val_acc = float((model.predict(embeddings[val_idx]) == labels[val_idx]).mean()) if len(val_idx) else None
-            keys = np.array([content_hash(p) for p in folder.paths], dtype="U64")
-            promote, reason, current_acc = self._gate(folder.classes, model, embeddings[val_idx], labels[val_idx],
-                                                      keys[val_idx], val_acc, tolerance, force)
-            if len(val_idx):
-                # the held-out part served its purpose; the kept head learns from every image
-                model = make_head(head, seed=seed, **head_params).fit(embeddings, labels)
-            metrics = {"val_accuracy": val_acc, "current_val_accuracy": current_acc, "n_train": int(len(train_idx)),
-                       "n_val": int(len(val_idx)), "fit_seconds": round(fit_seconds, 4), "data": str(folder.root)}
-            previous = self.current_version()
-            version = self.state.write_version(model, {"classes": list(folder.classes), "metrics": metrics,
-                                                       "extractor_sha256": self.extractor_sha256,
-                                                       "extractor": self.entry.file,
-                                                       "status": "promoted" if promote else "candidate",
-                                                       "reason": reason}, train_keys=keys, train_labels=labels)
-            if promote:
-                self.state.set_current(version)
-            self.state.log("promote" if promote else "candidate", version=version, previous=previous,
-                           val_accuracy=val_acc, current_val_accuracy=current_acc, reason=reason)
-        return TrainReport(version, head, list(folder.classes), int(len(train_idx)), int(len(val_idx)), val_acc,
-                           fit_seconds, len(folder) - cached, cached, promote, reason)
+            embeddings, keys, cached = self._embed_keyed(folder.paths, progress=progress)
+            X, keys, y, classes = embeddings, keys, folder.labels, list(folder.classes)
+            if incremental:
+                X, keys, y, classes = _merge(self._training_set(), (X, keys, y, classes))
+            report = self._fit_version(X, keys, y, classes, head, val_split, seed, tolerance, force, head_params,
+                                       source=str(folder.root))
+        return replace(report, embedded=len(folder) - cached, cached=cached)
+
+    def add_class(self, name: str, data: str | os.PathLike[str], wait: float = 0.0, force: bool = True,
+                  progress: Progress = _no_progress) -> TrainReport:
+        """Add class ``name`` from the images in ``data`` (a flat folder, or an ImageFolder's sub-folder) to the
+        current head's classes; the other classes keep their stored training embeddings (nothing is forgotten)."""
+        from edgetl.data import IMAGE_SUFFIXES
+
+        root = Path(data)
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+            if root.is_dir() else []
+        if not paths:
+            raise DataError(f"{root} holds no images for class {name!r}; pass a folder of that class's images")
+        with self.state.writer(wait):
+            X, keys, y, classes = self._training_set()
+            if name in classes:
+                raise DataError(f"class {name!r} exists already; add images with `edgetl device train … --incremental`")
+            emb, new_keys, _ = self._embed_keyed(paths, progress=progress)
+            merged = _merge((X, keys, y, classes), (emb, new_keys, np.zeros(len(paths), np.int64), [name]))
+            kind = self.state.meta(self.current_version() or "").get("head", "softmax")
+            return self._fit_version(*merged, kind, 0.2, 0, 0.0, force, {}, source=f"add-class {name} from {root}")
+
+    def remove_class(self, name: str, wait: float = 0.0) -> TrainReport:
+        """A new version without class ``name`` (its stored embeddings are left out of the refit)."""
+        with self.state.writer(wait):
+            X, keys, y, classes = self._training_set()
+            if name not in classes:
+                raise DataError(f"class {name!r} is not in the current head; classes: {', '.join(classes)}")
+            keep = y != classes.index(name)
+            remaining = [c for c in classes if c != name]
+            remap = np.array([remaining.index(c) if c != name else -1 for c in classes])
+            kind = self.state.meta(self.current_version() or "").get("head", "softmax")
+            return self._fit_version(X[keep], keys[keep], remap[y[keep]], remaining, kind, 0.2, 0, 0.0, True, {},
+                                     source=f"remove-class {name}")
+
+    def rename_class(self, old: str, new: str, wait: float = 0.0) -> str:
+        """A new version identical to the current one but with class ``old`` called ``new``."""
+        with self.state.writer(wait):
+            version = self.current_version()
+            if version is None or version == BUNDLE_HEAD:
+                raise NotFittedError("rename-class needs a head trained on the device; run `edgetl device train`")
+            head, classes = self._load_version(version)
+            if old not in classes or new in classes:
+                raise DataError(f"cannot rename {old!r} to {new!r}; classes: {', '.join(classes)}")
+            meta = self.state.meta(version)
+            classes = [new if c == old else c for c in classes]
+            renamed = self.state.write_version(head, {k: meta[k] for k in ("metrics", "extractor_sha256", "extractor")}
+                                               | {"classes": classes, "status": "promoted",
+                                                  "reason": f"renamed {old} to {new}"},
+                                               train_keys=self.state.train_keys(version),
+                                               train_labels=self.state.train_labels(version))
+            self.state.set_current(renamed)
+            self.state.log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
+        return renamed
+
+    def store_info(self) -> dict[str, Any]:
+        """Embedding files (one per extractor) and the current head's training images per class."""
+        folder = self.bundle.state_dir / "store"
+        files = []
+        for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+            files.append({"file": path.name, "embeddings": len(EmbeddingStore(folder, path.stem)), "bytes":
+                          path.stat().st_size, "in_use": path.stem == self.extractor_sha256[:16]})
+        per_class: dict[str, int] = {}
+        version = self.current_version()
+        if version and version != BUNDLE_HEAD and self.state.train_labels(version) is not None:
+            classes = self.state.meta(version)["classes"]
+            counts = np.bincount(self.state.train_labels(version), minlength=len(classes))
+            per_class = {c: int(n) for c, n in zip(classes, counts)}
+        return {"files": files, "current_head": version, "current_head_classes": per_class}
+
+    def _training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """The current head's training embeddings from the store: (X (N, D), keys, labels, classes)."""
+        version = self.current_version()
+        if version is None or version == BUNDLE_HEAD:
+            raise NotFittedError(f"no head trained on this device yet; run `edgetl device train {self.bundle.path} "
+                                 "--data DIR` first")
+        keys, labels = self.state.train_keys(version), self.state.train_labels(version)
+        if keys is None or labels is None:
+            raise StateError(f"head {version} does not record its training images; retrain it with `device train`")
+        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256)
+        rows = [store.get(str(k)) for k in keys]
+        missing = sum(r is None for r in rows)
+        if missing:
+            raise StateError(f"{missing} training embeddings of head {version} are missing from the store; retrain "
+                             "it with `device train` on its images")
+        X = np.stack(rows) if rows else np.zeros((0, self.bundle.feature_dim), np.float32)
+        return X, keys, labels, list(self.state.meta(version)["classes"])
+
+    def _fit_version(self, X: np.ndarray, keys: np.ndarray, y: np.ndarray, classes: list[str], head: str,
+                     val_split: float, seed: int, tolerance: float, force: bool, head_params: dict[str, Any],
+                     source: str) -> TrainReport:
+        """Fit, gate and write one version (the writer lock is held by the caller)."""
+        train_idx, val_idx = stratified_split(y, val_split, seed)
+        if len(np.unique(y[train_idx])) < 2:
+            raise DataError(f"{source}: too few images of at least two classes to train after holding out "
+                            f"{val_split:.0%}; add images")
+        model = make_head(head, seed=seed, **head_params)
+        start = time.perf_counter()
+        model.fit(X[train_idx], y[train_idx])
+        fit_seconds = time.perf_counter() - start
+        val_acc = float((model.predict(X[val_idx]) == y[val_idx]).mean()) if len(val_idx) else None
+        promote, reason, current_acc = self._gate(classes, model, X[val_idx], y[val_idx], keys[val_idx], val_acc,
+                                                  tolerance, force)
+        if len(val_idx):
+            # the held-out part served its purpose; the kept head learns from every image
+            model = make_head(head, seed=seed, **head_params).fit(X, y)
+        metrics = {"val_accuracy": val_acc, "current_val_accuracy": current_acc, "n_train": int(len(train_idx)),
+                   "n_val": int(len(val_idx)), "fit_seconds": round(fit_seconds, 4), "data": source}
+        previous = self.current_version()
+        version = self.state.write_version(model, {"classes": classes, "metrics": metrics,
+                                                   "extractor_sha256": self.extractor_sha256,
+                                                   "extractor": self.entry.file,
+                                                   "status": "promoted" if promote else "candidate",
+                                                   "reason": reason}, train_keys=keys, train_labels=y)
+        if promote:
+            self.state.set_current(version)
+        self.state.log("promote" if promote else "candidate", version=version, previous=previous,
+                       val_accuracy=val_acc, current_val_accuracy=current_acc, reason=reason)
+        return TrainReport(version, head, classes, int(len(train_idx)), int(len(val_idx)), val_acc, fit_seconds,
+                           0, 0, promote, reason)
 
     def _gate(self, classes: Sequence[str], new: Head, X_val: np.ndarray, y_val: np.ndarray, val_keys: np.ndarray,
               new_acc: float | None, tolerance: float, force: bool) -> tuple[bool, str, float | None]:
@@ -363,6 +470,30 @@ class DeviceRuntime:
                 "edgetl_version": m.get("edgetl_version"), "backbone": m["backbone"], "feature_dim": m["feature_dim"],
                 "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
                 "current_head": version, "current_head_meta": current}
+
+
+def _take_shots(folder: ImageFolder, shots: int, seed: int) -> ImageFolder:
+    """At most ``shots`` images of each class, drawn with ``seed``."""
+    if shots < 1:
+        raise DataError(f"--shots must be at least 1, found {shots}")
+    rng = np.random.default_rng(seed)
+    labels = folder.labels
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)])
+    return folder.subset(np.sort(keep))
+
+
+def _merge(old: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]],
+           new: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Union of two labelled embedding sets, classes matched by name (new names appended, sorted order kept for the
+    old ones); an image (content hash) present in both keeps the new label."""
+    X0, k0, y0, c0 = old
+    X1, k1, y1, c1 = new
+    classes = list(c0) + [c for c in c1 if c not in c0]
+    y1 = np.array([classes.index(c1[i]) for i in y1], dtype=np.int64)
+    fresh = ~np.isin(k0, k1)
+    return (np.concatenate([X0[fresh], X1]), np.concatenate([k0[fresh], k1]),
+            np.concatenate([y0[fresh], y1]).astype(np.int64), classes)
 
 
 __all__ = ["DeviceRuntime", "TrainReport"]

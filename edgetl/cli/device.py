@@ -53,16 +53,19 @@ def device() -> None:
 @click.option("--force", is_flag=True, help="Promote the new head even if the gate would keep it as a candidate.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to wait for another trainer to finish.")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Use at most K images per class.")
+@click.option("--incremental", is_flag=True,
+              help="Add these images to the current head's training set (old embeddings come from the store).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
 def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, tolerance: float, force: bool,
-          wait: float, as_json: bool, quiet: bool, **opts: Any) -> None:
+          wait: float, shots: int | None, incremental: bool, as_json: bool, quiet: bool, **opts: Any) -> None:
     """Embed local images (cached) and train a new head version; it becomes current if it passes the promote gate."""
     rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
         report = rt.train(data_dir, head=head, val_split=val_split, seed=seed, tolerance=tolerance, force=force,
-                          wait=wait, progress=progress)
+                          wait=wait, shots=shots, incremental=incremental, progress=progress)
     if as_json:
         click.echo(json.dumps(asdict(report)))
         return
@@ -239,3 +242,54 @@ def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> No
     click.echo(f"cold start {result['cold_start_s']:.2f} s; batch 1 p50 {result['latency_ms_p50']:.2f} ms, p95 "
                f"{result['latency_ms_p95']:.2f} ms; batch {batch} {result['images_per_s']:.1f} images/s; peak RSS "
                f"{result['peak_rss_mb']:.0f} MB; head fit {fit}")
+
+
+@device.command("add-class")
+@_bundle_arg
+@click.argument("name")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder of NAME's images.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@_runtime_options
+def add_class(bundle: Path, name: str, data_dir: Path, wait: float, **opts: Any) -> None:
+    """Add class NAME without forgetting the others (their embeddings come from the store)."""
+    report = _open(bundle, opts).add_class(name, data_dir, wait=wait)
+    click.echo(f"head {report.version} knows {len(report.classes)} classes ({', '.join(report.classes)})")
+
+
+@device.command("remove-class")
+@_bundle_arg
+@click.argument("name")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@_runtime_options
+def remove_class(bundle: Path, name: str, wait: float, **opts: Any) -> None:
+    """A new head version without class NAME."""
+    report = _open(bundle, opts).remove_class(name, wait=wait)
+    click.echo(f"head {report.version} knows {len(report.classes)} classes ({', '.join(report.classes)})")
+
+
+@device.command("rename-class")
+@_bundle_arg
+@click.argument("old")
+@click.argument("new")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@_runtime_options
+def rename_class(bundle: Path, old: str, new: str, wait: float, **opts: Any) -> None:
+    """A new head version with class OLD called NEW."""
+    click.echo(f"head {_open(bundle, opts).rename_class(old, new, wait=wait)}: {old} is now {new}")
+
+
+@device.command()
+@_bundle_arg
+@click.option("--json", "as_json", is_flag=True)
+@_runtime_options
+def store(bundle: Path, as_json: bool, **opts: Any) -> None:
+    """Show the embedding store: embeddings per extractor and the current head's training set per class."""
+    data = _open(bundle, opts).store_info()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for f in data["files"]:
+        click.echo(f"{f['file']}: {f['embeddings']} embeddings, {f['bytes'] / 1e6:.2f} MB"
+                   f"{'  (extractor in use)' if f['in_use'] else ''}")
+    for name, n in data["current_head_classes"].items():
+        click.echo(f"  {name:<20} {n} training images")
