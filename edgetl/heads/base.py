@@ -92,6 +92,13 @@ def check_Xy(X: npt.ArrayLike, y: npt.ArrayLike | None = None) -> tuple[FloatArr
     return X, y.astype(np.int64)
 
 
+def check_features(X: np.ndarray, expected: int) -> None:
+    """Embeddings must have the feature count the head was trained on."""
+    if X.shape[1] != expected:
+        raise DataError(f"expected embeddings with {expected} features, found {X.shape[1]}; the head was trained for "
+                        "another extractor")
+
+
 def load_head(path: str | os.PathLike[str]) -> Head:
     """Read a head written by :meth:`Head.save`, dispatching on its recorded kind."""
     from edgetl.heads import HEADS

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgetl.errors import DataError
-from edgetl.heads.base import FloatArray, Head, check_Xy, softmax
+from edgetl.heads.base import FloatArray, Head, check_features, check_Xy, softmax
 
 
 def _normalise(X: np.ndarray) -> np.ndarray:
@@ -58,8 +58,7 @@ class _Prototypes(Head):
         return self
 
     def _accumulate(self, X: np.ndarray, y: np.ndarray) -> None:
-        if X.shape[1] != self.sums_.shape[1]:
-            raise DataError(f"expected embeddings with {self.sums_.shape[1]} features, found {X.shape[1]}")
+        check_features(X, self.sums_.shape[1])
         np.add.at(self.sums_, y, _normalise(X - self.centre_).astype(np.float64))
         np.add.at(self.counts_, y, 1)
 
@@ -71,9 +70,7 @@ class _Prototypes(Head):
     def _cosines(self, X: npt.ArrayLike) -> np.ndarray:
         self._check_fitted()
         X, _ = check_Xy(X)
-        if X.shape[1] != self.sums_.shape[1]:
-            raise DataError(f"expected embeddings with {self.sums_.shape[1]} features, found {X.shape[1]}; the head "
-                            "was trained for another extractor")
+        check_features(X, self.sums_.shape[1])
         scores = _normalise(X - self.centre_) @ self.prototypes().T
         scores[:, self.counts_ == 0] = -1e9  # classes without samples are never predicted
         return scores
@@ -141,9 +138,7 @@ class KNNHead(Head):
         """Similarity-weighted votes per class, shape ``(N, C)``; :meth:`predict_proba` normalises them."""
         self._check_fitted()
         X, _ = check_Xy(X)
-        if X.shape[1] != self.X_.shape[1]:
-            raise DataError(f"expected embeddings with {self.X_.shape[1]} features, found {X.shape[1]}; the head "
-                            "was trained for another extractor")
+        check_features(X, self.X_.shape[1])
         sims = _normalise(X) @ self.X_.T
         k = min(self.k, len(self.y_))
         idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgetl.errors import DataError
-from edgetl.heads.base import FloatArray, Head, check_Xy
+from edgetl.heads.base import FloatArray, Head, check_features, check_Xy
 
 
 class SoftmaxHead(Head):
@@ -115,9 +115,7 @@ class SoftmaxHead(Head):
     def decision_function(self, X: npt.ArrayLike) -> FloatArray:
         self._check_fitted()
         X, _ = check_Xy(X)
-        if X.shape[1] != self.coef_.shape[1]:
-            raise DataError(f"expected embeddings with {self.coef_.shape[1]} features, found {X.shape[1]}; the head "
-                            "was trained for another extractor")
+        check_features(X, self.coef_.shape[1])
         return (((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_).astype(np.float32)
 
 
