@@ -22,6 +22,8 @@ from edgetl.bundle import Bundle
 from edgetl.data import ImageFolder, batches, load_image, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
+from edgetl.heads.base import softmax
+from edgetl.novelty import Novelty, fit_temperature
 from edgetl.preprocess import preprocess_image
 from edgetl.registry import sha256_file
 from edgetl.runtime import FeatureExtractor, load_extractor
@@ -296,11 +298,12 @@ class DeviceRuntime:
                 raise DataError(f"cannot rename {old!r} to {new!r}; classes: {', '.join(classes)}")
             meta = self.state.meta(version)
             classes = [new if c == old else c for c in classes]
-            renamed = self.state.write_version(head, {k: meta[k] for k in ("metrics", "extractor_sha256", "extractor")}
-                                               | {"classes": classes, "status": "promoted",
-                                                  "reason": f"renamed {old} to {new}"},
+            kept = {k: meta.get(k) for k in ("metrics", "extractor_sha256", "extractor", "temperature")}
+            renamed = self.state.write_version(head, kept | {"classes": classes, "status": "promoted",
+                                                             "reason": f"renamed {old} to {new}"},
                                                train_keys=self.state.train_keys(version),
-                                               train_labels=self.state.train_labels(version))
+                                               train_labels=self.state.train_labels(version),
+                                               novelty=self._novelty(version))
             self.state.set_current(renamed)
             self.state.log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
         return renamed
@@ -351,6 +354,9 @@ class DeviceRuntime:
         model.fit(X[train_idx], y[train_idx])
         fit_seconds = time.perf_counter() - start
         val_acc = float((model.predict(X[val_idx]) == y[val_idx]).mean()) if len(val_idx) else None
+        temperature = fit_temperature(model.decision_function(X[val_idx]), y[val_idx]) \
+            if len(val_idx) and head != "knn" else None
+        novelty = Novelty.fit(X[train_idx], y[train_idx], X[val_idx])
         promote, reason, current_acc = self._gate(classes, model, X[val_idx], y[val_idx], keys[val_idx], val_acc,
                                                   tolerance, force)
         if len(val_idx):
@@ -361,9 +367,10 @@ class DeviceRuntime:
         previous = self.current_version()
         version = self.state.write_version(model, {"classes": classes, "metrics": metrics,
                                                    "extractor_sha256": self.extractor_sha256,
-                                                   "extractor": self.entry.file,
+                                                   "extractor": self.entry.file, "temperature": temperature,
                                                    "status": "promoted" if promote else "candidate",
-                                                   "reason": reason}, train_keys=keys, train_labels=y)
+                                                   "reason": reason}, train_keys=keys, train_labels=y,
+                                           novelty=novelty)
         if promote:
             self.state.set_current(version)
         self.state.log("promote" if promote else "candidate", version=version, previous=previous,
@@ -405,18 +412,55 @@ class DeviceRuntime:
 
     # ---------------------------------------------------------------------------------------------------- inference
     def predict(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1) -> list[dict[str, Any]]:
-        """Top-k classes with probabilities for each image file."""
+        """Top-k classes with calibrated probabilities for each image file, and whether it looks unlike every known
+        class (``unknown``: its novelty score exceeds the threshold set on held-out local data)."""
         head, labels, version = self.load_current_head()
-        images = [load_image(p) for p in paths]
-        proba = head.predict_proba(self.embed_images(images))
+        X = self.embed_images([load_image(p) for p in paths])
+        meta = self.state.meta(version) if version != BUNDLE_HEAD else {}
+        temperature = meta.get("temperature")
+        proba = softmax(head.decision_function(X) / temperature) if temperature else head.predict_proba(X)
+        novelty = self._novelty(version)
+        scores = novelty.score(X) if novelty is not None else None
         k = max(1, min(top_k, len(labels)))
         results = []
-        for path, row in zip(paths, proba):
+        for i, (path, row) in enumerate(zip(paths, proba)):
             order = np.argsort(-row)[:k]
-            results.append({"path": str(path), "label": labels[order[0]], "probability": float(row[order[0]]),
-                            "top_k": [{"label": labels[i], "probability": float(row[i])} for i in order],
-                            "head_version": version})
+            result = {"path": str(path), "label": labels[order[0]], "probability": float(row[order[0]]),
+                      "top_k": [{"label": labels[j], "probability": float(row[j])} for j in order],
+                      "head_version": version, "calibrated": bool(temperature)}
+            if scores is not None and novelty is not None:
+                result |= {"novelty": float(scores[i]), "unknown": bool(scores[i] > novelty.threshold)}
+            results.append(result)
         return results
+
+    def _novelty(self, version: str) -> Novelty | None:
+        path = self.state.heads / version / "novelty.npz"
+        if version == BUNDLE_HEAD or not path.is_file():
+            return None
+        try:
+            return Novelty.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StateError(f"{path} is unreadable ({exc}); roll back or retrain") from exc
+
+    def drift(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
+        """Compare a folder of images (any layout) with what the current head was trained on."""
+        from edgetl.data import IMAGE_SUFFIXES
+
+        version = self.current_version()
+        novelty = self._novelty(version) if version else None
+        if novelty is None:
+            raise NotFittedError("drift needs a head trained on this device (it compares with its training data); "
+                                 f"run `edgetl device train {self.bundle.path} --data DIR`")
+        root = Path(data)
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+            if root.is_dir() else []
+        if not paths:
+            raise DataError(f"{root} holds no images to compare")
+        scores = novelty.score(self.embed_paths(paths, progress=progress)[0])
+        score = float(np.median(scores))
+        return {"score": score, "threshold": novelty.threshold, "drifted": score > novelty.threshold,
+                "n": len(paths), "unknown_fraction": float((scores > novelty.threshold).mean()),
+                "head_version": version}
 
     def evaluate(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
         """Accuracy of the current head on a labelled ImageFolder whose class names the head knows."""

@@ -88,7 +88,7 @@ class DeviceState:
             return None
 
     def write_version(self, head: Head, meta: dict[str, Any], train_keys: np.ndarray | None = None,
-                      train_labels: np.ndarray | None = None) -> str:
+                      train_labels: np.ndarray | None = None, novelty: Any = None) -> str:
         """Write a new immutable version (not yet current) with the content hashes of its training images; return
         its name."""
         try:
@@ -100,6 +100,8 @@ class DeviceState:
             atomic_write(tmp / "head.npz", head.save)
             if train_keys is not None:
                 atomic_write(tmp / "train_keys.npy", lambda fh: np.save(fh, np.asarray(train_keys, dtype="U64")))
+            if novelty is not None:
+                atomic_write(tmp / "novelty.npz", novelty.save)
             if train_labels is not None:
                 atomic_write(tmp / "train_labels.npy", lambda fh: np.save(fh, np.asarray(train_labels, dtype=np.int64)))
             atomic_write_json(tmp / "meta.json", meta | {"version": version, "head": head.kind,

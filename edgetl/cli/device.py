@@ -293,3 +293,22 @@ def store(bundle: Path, as_json: bool, **opts: Any) -> None:
                    f"{'  (extractor in use)' if f['in_use'] else ''}")
     for name, n in data["current_head_classes"].items():
         click.echo(f"  {name:<20} {n} training images")
+
+
+@device.command()
+@_bundle_arg
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder of new images.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_runtime_options
+def drift(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Has the local domain drifted from what the current head was trained on?"""
+    rt = _open(bundle, opts)
+    with progress_bars(not (quiet or as_json)) as progress:
+        result = rt.drift(data_dir, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    verdict = "DRIFTED: retrain the head on this data" if result["drifted"] else "no drift"
+    click.echo(f"{verdict} (median novelty {result['score']:.3f}, threshold {result['threshold']:.3f} from held-out "
+               f"training images; {result['unknown_fraction']:.0%} of {result['n']} images unknown)")
