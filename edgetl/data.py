@@ -56,6 +56,12 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def list_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Every image file under ``root`` (recursively, sorted; hidden files skipped); empty when ``root`` is no folder."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if _is_image(p)) if root.is_dir() else []
+
+
 def scan_image_folder(root: str | os.PathLike[str], min_classes: int = 2) -> ImageFolder:
     """Read an ImageFolder tree. Raises :class:`DataError` for a missing or empty folder or too few classes."""
     root = Path(root)
@@ -65,7 +71,7 @@ def scan_image_folder(root: str | os.PathLike[str], min_classes: int = 2) -> Ima
     classes: list[str] = []
     samples: list[Sample] = []
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+        files = list_images(class_dir)
         if not files:
             continue
         label = len(classes)

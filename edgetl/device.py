@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from edgetl._atomic import atomic_write_json
 from edgetl.bundle import Bundle
-from edgetl.data import ImageFolder, batches, load_image, scan_image_folder, stratified_split
+from edgetl.data import ImageFolder, batches, list_images, load_image, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
 from edgetl.heads.base import softmax
@@ -258,11 +258,8 @@ class DeviceRuntime:
                   progress: Progress = _no_progress) -> TrainReport:
         """Add class ``name`` from the images in ``data`` (a flat folder, or an ImageFolder's sub-folder) to the
         current head's classes; the other classes keep their stored training embeddings (nothing is forgotten)."""
-        from edgetl.data import IMAGE_SUFFIXES
-
         root = Path(data)
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
-            if root.is_dir() else []
+        paths = list_images(root)
         if not paths:
             raise DataError(f"{root} holds no images for class {name!r}; pass a folder of that class's images")
         with self.state.writer(wait):
@@ -444,16 +441,13 @@ class DeviceRuntime:
 
     def drift(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
         """Compare a folder of images (any layout) with what the current head was trained on."""
-        from edgetl.data import IMAGE_SUFFIXES
-
         version = self.current_version()
         novelty = self._novelty(version) if version else None
         if novelty is None:
             raise NotFittedError("drift needs a head trained on this device (it compares with its training data); "
                                  f"run `edgetl device train {self.bundle.path} --data DIR`")
         root = Path(data)
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
-            if root.is_dir() else []
+        paths = list_images(root)
         if not paths:
             raise DataError(f"{root} holds no images to compare")
         scores = novelty.score(self.embed_paths(paths, progress=progress)[0])
