@@ -73,29 +73,38 @@ def bench(bundle: str | Path, backend: str | None = None, precision: str | None 
     cold = [_child(args)[1] for _ in range(cold_runs)]
     warm, _ = _child(args | {"mode": "warm"})
     result: dict[str, Any] = warm | {"cold_start_s": float(np.median(cold)), "batch": batch, "runs": runs}
-    result["head_fit_s"], result["head_fit_n"] = _head_fit_time(rt)
+    result |= _head_figures(rt)
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
 
 
-def _head_fit_time(rt: Any) -> tuple[float | None, int]:
-    """Seconds to refit the current head's kind on its stored training embeddings (None without a trained head)."""
+def _head_figures(rt: Any) -> dict[str, Any]:
+    """The current head: seconds to refit its kind (same parameters) on its stored training embeddings, batch-1
+    predict latency on an embedding, and its file size (all None without a head trained on the device)."""
     import numpy as np
 
-    from edgetl.heads import make_head
-    from edgetl.store import EmbeddingStore
+    from edgetl.errors import EdgeTLError
+    from edgetl.heads import load_head, make_head
 
+    none = {"head_fit_s": None, "head_fit_n": 0, "head_predict_ms": None, "head_bytes": None}
     version = rt.state.current()
     if version is None:
-        return None, 0
-    keys = rt.state.train_keys(version)
-    labels = rt.state.train_labels(version)
-    if keys is None or labels is None:
-        return None, 0
-    store = EmbeddingStore(rt.bundle.state_dir / "store", rt.extractor_sha256)
-    rows = [store.get(str(k)) for k in keys]
-    if any(r is None for r in rows):
-        return None, 0
-    X = np.stack(rows)
+        return none
+    try:
+        X, _, labels, _ = rt._training_set()
+    except EdgeTLError:
+        return none
+    kind, params = rt._current_head_spec()
     start = time.perf_counter()
-    make_head(rt.state.meta(version).get("head", "softmax")).fit(X, labels)
-    return time.perf_counter() - start, len(X)
+    make_head(kind, **params).fit(X, labels)
+    fit_s = time.perf_counter() - start
+    head = load_head(rt.state.head_file(version))
+    one = X[:1]
+    for _ in range(10):
+        head.predict_proba(one)
+    start = time.perf_counter()
+    for _ in range(200):
+        head.predict_proba(one)
+    predict_ms = (time.perf_counter() - start) / 200 * 1e3
+    return {"head_fit_s": fit_s, "head_fit_n": int(len(X)), "head_predict_ms": predict_ms,
+            "head_bytes": rt.state.head_file(version).stat().st_size, "head_kind": kind,
+            "head_features": int(np.asarray(getattr(head, "columns_", np.empty(X.shape[1]))).size)}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import BundleError, EdgeTLError
-from edgetl.registry import Preprocessing, sha256_file
+from edgetl.registry import Preprocessing, TextPreprocessing, parse_preprocessing, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -103,16 +103,21 @@ class Bundle:
             for name in [e["file"], *companions]:
                 if name not in m["files"]:
                     raise BundleError(f"{where}: extractor file {name!r} is not covered by a sha256; re-export it")
-        for optional, kind in (("labels", list), ("head", dict), ("golden", dict)):
+        for optional, kind in (("labels", list), ("head", dict), ("golden", dict), ("reference", dict)):
             if m.get(optional) is not None and not isinstance(m[optional], kind):
                 raise BundleError(f"{where} has a malformed {optional!r}")
-        for ref in (m.get("head") or {}).get("file"), (m.get("golden") or {}).get("file"):
+        for ref in [(m.get(part) or {}).get("file") for part in ("head", "golden", "reference")]:
             if ref is not None and (not isinstance(ref, str) or ref not in m["files"]):
                 raise BundleError(f"{where}: {ref!r} is not covered by a sha256; re-export the bundle")
         try:
-            self.preprocessing  # noqa: B018 - validates
+            pp = parse_preprocessing(self.modality, m["preprocessing"])
         except EdgeTLError as exc:
             raise BundleError(f"{where}: {exc}") from exc
+        if isinstance(pp, TextPreprocessing) and pp.tokenizer not in m["files"]:
+            raise BundleError(f"{where}: tokenizer {pp.tokenizer!r} is not covered by a sha256; re-export the bundle")
+        if m.get("feature_groups") is not None and not _tiles(m["feature_groups"], m["feature_dim"]):
+            raise BundleError(f"{where} has malformed feature_groups (they must tile the {m['feature_dim']} features "
+                              "in order); re-export the bundle")
 
     def verify_files(self) -> None:
         """Every file the manifest lists exists with the recorded size and sha256 (tampering and truncation)."""
@@ -142,11 +147,31 @@ class Bundle:
     # ---------------------------------------------------------------------------------------------------- accessors
     @property
     def preprocessing(self) -> Preprocessing:
+        if self.modality != "image":
+            raise BundleError(f"bundle {self.path} holds a {self.modality} encoder; it takes no image preprocessing")
         return Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def modality(self) -> str:
+        """``"image"`` (the default: bundles written before text existed) or ``"text"``."""
+        return str(self.manifest.get("modality", "image"))
+
+    @property
+    def text_preprocessing(self) -> TextPreprocessing:
+        """Tokenizer file, max length, pooling and normalisation of a text bundle."""
+        if self.modality != "text":
+            raise BundleError(f"bundle {self.path} holds a {self.modality} extractor, not a text encoder")
+        return TextPreprocessing.from_dict(self.manifest["preprocessing"])
 
     @property
     def feature_dim(self) -> int:
         return int(self.manifest["feature_dim"])
+
+    @property
+    def feature_groups(self) -> list[dict[str, Any]] | None:
+        """Groups of a multi-depth embedding (``name``, ``offset``, ``size``, ``layer``; the first is the pooled final
+        features); None for a last-layer extractor."""
+        return self.manifest.get("feature_groups")
 
     @property
     def labels(self) -> list[str]:
@@ -178,11 +203,35 @@ class Bundle:
         meta, spec = self.manifest.get("golden"), entry.raw.get("golden")
         if not meta or not spec:
             return None
+        inputs, outputs = self._arrays(meta["file"], f"golden vectors of {entry.file}",
+                                       meta.get("inputs", "inputs"), spec["key"])
+        return inputs, outputs, dict(spec["tolerance"])
+
+    def reference(self, entry: ExtractorEntry) -> np.ndarray | None:
+        """The host's held-out embeddings ``(M, D)`` computed by ``entry``'s graph (None in bundles without them)."""
+        meta, spec = self.manifest.get("reference"), entry.raw.get("golden")
+        if not meta or not spec:
+            return None
+        return self._arrays(meta["file"], f"reference embeddings of {entry.file}", spec["key"])[0].astype(np.float32)
+
+    def _arrays(self, name: str, what: str, *keys: str) -> list[np.ndarray]:
         try:
-            with np.load(self.file(meta["file"]), allow_pickle=False) as data:
-                return data[meta.get("inputs", "inputs")], data[spec["key"]], dict(spec["tolerance"])
+            with np.load(self.file(name), allow_pickle=False) as data:
+                return [data[k] for k in keys]
         except (OSError, KeyError, ValueError) as exc:
-            raise BundleError(f"golden vectors of {entry.file} are unreadable ({exc}); re-export the bundle") from exc
+            raise BundleError(f"{what} are unreadable ({exc}); re-export the bundle") from exc
+
+def _tiles(groups: Any, dim: int) -> bool:
+    """Feature groups cover ``[0, dim)`` in order, without gaps or overlaps."""
+    if not isinstance(groups, list) or not groups:
+        return False
+    offset = 0
+    for g in groups:
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str) or g.get("offset") != offset or \
+                not isinstance(g.get("size"), int) or g["size"] < 1:
+            return False
+        offset += g["size"]
+    return offset == dim
 
 
 def file_entry(path: Path) -> dict[str, Any]:

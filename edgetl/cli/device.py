@@ -56,16 +56,24 @@ def device() -> None:
 @click.option("--shots", type=click.IntRange(min=1), default=None, help="Use at most K images per class.")
 @click.option("--incremental", is_flag=True,
               help="Add these images to the current head's training set (old embeddings come from the store).")
+@click.option("--features", type=click.Choice(["last", "multi", "auto"]), default="last", show_default=True,
+              help="Multi-depth bundles: last-layer features, features from every depth (normalised per group, "
+                   "selected), or auto: whichever is more accurate on the held-out part.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Keep at most K embeddings per class for retraining (a uniform reservoir sample of every image "
+                   "seen); incremental training and add-class inherit it.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
 def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, tolerance: float, force: bool,
-          wait: float, shots: int | None, incremental: bool, as_json: bool, quiet: bool, **opts: Any) -> None:
+          wait: float, shots: int | None, incremental: bool, features: str, budget: int | None, as_json: bool,
+          quiet: bool, **opts: Any) -> None:
     """Embed local images (cached) and train a new head version; it becomes current if it passes the promote gate."""
     rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
         report = rt.train(data_dir, head=head, val_split=val_split, seed=seed, tolerance=tolerance, force=force,
-                          wait=wait, shots=shots, incremental=incremental, progress=progress)
+                          wait=wait, shots=shots, incremental=incremental, budget=budget, features=features,
+                          progress=progress)
     if as_json:
         click.echo(json.dumps(asdict(report)))
         return
@@ -74,6 +82,10 @@ def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, 
                f"classes in {report.fit_seconds:.2f} s; held-out accuracy {acc} on {report.n_val} images "
                f"({report.cached} embeddings from the cache)")
     click.echo(f"{'promoted to current' if report.promoted else 'NOT promoted, kept as a candidate'}: {report.reason}")
+    if report.features and report.features["features"] != "last" or features == "auto":
+        click.echo(f"features: {report.features['features']} ({report.features['reason']})")
+    if report.domain is not None:
+        click.echo(f"domain check: {report.domain['advice']}")
 
 
 @device.command()
@@ -96,20 +108,30 @@ def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, **
 @device.command()
 @_bundle_arg
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Labelled ImageFolder.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write metrics.json, confusion.png, per_class.csv and per_class.md into this folder.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
-def evaluate(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any) -> None:
-    """Accuracy of the current head on labelled images."""
+def evaluate(bundle: Path, data_dir: Path, report_dir: Path | None, as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix of the current head on labelled images."""
     rt = _open(bundle, opts)
     with progress_bars(not (quiet or as_json)) as progress:
         result = rt.evaluate(data_dir, progress=progress)
+    if report_dir is not None:
+        from edgetl.report import write_report
+
+        written = write_report(result, report_dir)
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} images (head {result['head_version']})")
-    for name, acc in result["per_class_accuracy"].items():
-        click.echo(f"  {name:<20} {acc:.3f}")
+    click.echo(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f} on {result['n']} images "
+               f"(head {result['head_version']})")
+    click.echo(f"  {'class':<20} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}")
+    for name, m in result["per_class"].items():
+        click.echo(f"  {name:<20} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['support']:>8}")
+    if report_dir is not None:
+        click.echo(f"report: {', '.join(str(p) for p in written)}")
 
 
 @device.command()
@@ -126,7 +148,8 @@ def info(bundle: Path, as_json: bool, **opts: Any) -> None:
         return
     b, pp, sel = data["backbone"], data["preprocessing"], data["selected"]
     click.echo(f"bundle       {data['bundle']} (schema {data['schema_version']}, edgetl {data['edgetl_version']})")
-    click.echo(f"backbone     {b['id']} ({b['source']}), {data['feature_dim']}-d embeddings, {pp['input_size']} px")
+    size = f"{pp['input_size']} px" if "input_size" in pp else f"{pp.get('max_length')} tokens"
+    click.echo(f"backbone     {b['id']} ({b['source']}), {data['feature_dim']}-d embeddings, {size}")
     click.echo(f"selected     {sel['file']} ({sel['backend']}/{sel['precision']}, profile {data['profile']}, "
                f"threads {sel['threads'] or 'all'})")
     click.echo(f"labels       {', '.join(data['labels'] or []) or '(none: train a head on the device)'}")
@@ -237,7 +260,9 @@ def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> No
         click.echo(json.dumps(result))
         return
     fit = "n/a (no trained head)" if result["head_fit_s"] is None else \
-        f"{result['head_fit_s']:.3f} s on {result['head_fit_n']} stored embeddings"
+        (f"{result['head_fit_s']:.3f} s on {result['head_fit_n']} stored embeddings, predict "
+         f"{result['head_predict_ms']:.3f} ms, {result['head_bytes'] / 1e3:.0f} kB on {result['head_features']} "
+         "features")
     click.echo(f"{result['file']} ({result['backend']}/{result['precision']}, threads {result['threads'] or 'all'})")
     click.echo(f"cold start {result['cold_start_s']:.2f} s; batch 1 p50 {result['latency_ms_p50']:.2f} ms, p95 "
                f"{result['latency_ms_p95']:.2f} ms; batch {batch} {result['images_per_s']:.1f} images/s; peak RSS "
@@ -291,8 +316,10 @@ def store(bundle: Path, as_json: bool, **opts: Any) -> None:
     for f in data["files"]:
         click.echo(f"{f['file']}: {f['embeddings']} embeddings, {f['bytes'] / 1e6:.2f} MB"
                    f"{'  (extractor in use)' if f['in_use'] else ''}")
+    budget = data["budget"]
+    click.echo(f"current head {data['current_head']}: per-class budget {budget or 'none (every image kept)'}")
     for name, n in data["current_head_classes"].items():
-        click.echo(f"  {name:<20} {n} training images")
+        click.echo(f"  {name:<20} {n} training images kept of {data['seen'].get(name, n)} seen")
 
 
 @device.command()

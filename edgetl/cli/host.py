@@ -17,23 +17,30 @@ from edgetl.cli._progress import progress_bars
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--freeze", type=click.Choice(["head", "partial", "none"]), default="head", show_default=True,
               help="head: train the classifier only; partial: also the last blocks; none: everything "
-                   "(backbone at a tenth of --lr).")
+                   "(backbone at a hundredth of --lr, classifier started from the linear probe).")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Classifier learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (default: the registry's).")
 @click.option("--val-split", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (written after every epoch).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr: float, batch_size: int,
-             image_size: int | None, val_split: float, seed: int, quiet: bool) -> None:
-    """Fine-tune a pretrained backbone on an ImageFolder and write a run folder."""
+             image_size: int | None, val_split: float, seed: int, resume: bool, quiet: bool) -> None:
+    """Fine-tune a pretrained backbone on an ImageFolder and write a run folder (runs unchanged under
+    `torchrun --nproc-per-node N`: rank 0 writes and reports)."""
+    import os
+
     from edgetl.host.finetune import FinetuneConfig
     from edgetl.host.finetune import finetune as run_finetune
 
     cfg = FinetuneConfig(model=model, epochs=epochs, freeze=freeze, lr=lr, batch_size=batch_size,
                          image_size=image_size, val_split=val_split, seed=seed)
-    with progress_bars(not quiet) as progress:
-        metrics = run_finetune(data_dir, out, cfg, progress)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with progress_bars(not quiet and rank0) as progress:
+        metrics = run_finetune(data_dir, out, cfg, progress, resume=resume)
+    if not rank0:
+        return
     for record in metrics["history"]:
         val = f", val accuracy {record['val_accuracy']:.3f}" if "val_accuracy" in record else ""
         click.echo(f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, "
@@ -50,8 +57,9 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
 @click.option("--quantize", "precisions", multiple=True, type=click.Choice(["none", "fp16", "int8"]),
               help="Precision; repeat for several (default: none = FP32, or the --profile's precision).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Labelled ImageFolder of real images: calibration + held-out accuracy gate (default: the run's "
-                   "training data, else the embedded demo set).")
+              help="Labelled ImageFolder of real images (for a text encoder: a folder of .txt files per class or a "
+                   "text,label CSV): calibration + held-out accuracy gate (default: the run's training data, else "
+                   "the embedded demo set).")
 @click.option("--calib-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Images used to calibrate INT8; the rest are held out for the gate.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
@@ -60,13 +68,16 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
 @click.option("--profile", default=None, help="Device profile (devices/*.toml) choosing default formats/precision.")
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (pretrained export only).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
+@click.option("--features", type=click.Choice(["last", "multi"]), default="last", show_default=True,
+              help="last: the pooled final features; multi: also the pooled output of every stage (Head2Toe-style "
+                   "multi-depth features for `device train --features multi|auto`).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (edgetl keys generate) to sign the bundle with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
            calib: Path | None, calib_size: int, max_drop: float, keep_failed: bool, profile: str | None,
-           image_size: int | None, opset: int, force: bool, sign_key: Path | None, quiet: bool) -> None:
+           image_size: int | None, opset: int, features: str, force: bool, sign_key: Path | None, quiet: bool) -> None:
     """Export the frozen feature extractor (ONNX FP32 reference + every format/precision asked for), gate each graph
     on accuracy against PyTorch, and pack a bundle."""
     from edgetl.cli._tables import extractor_table
@@ -82,18 +93,20 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
     precisions = tuple("fp32" if p == "none" else p for p in precisions) or ("fp32",)
     if calib is None and run_dir is not None and (run_dir / "run.json").is_file():
         calib = Path(json.loads((run_dir / "run.json").read_text())["data"])
-    if calib is None or not calib.is_dir():
+    if calib is None or not calib.exists():  # a folder, or a text,label CSV for a text encoder
         calib = demo_split("train")
     with progress_bars(not quiet) as progress:
         bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",), precisions=precisions,
                             calib_size=calib_size, max_drop=max_drop, keep_failed=keep_failed, image_size=image_size,
-                            opset=opset, force=force, progress=progress)
+                            opset=opset, force=force, features=features, progress=progress)
     if sign_key is not None:
         from edgetl.signing import sign_bundle
 
         sign_bundle(bundle, sign_key)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    click.echo(f"exported {bundle} ({manifest['backbone']['id']}, {manifest['preprocessing']['input_size']} px)")
+    pp = manifest["preprocessing"]
+    size = f"{pp['input_size']} px" if "input_size" in pp else f"{pp['max_length']} tokens"
+    click.echo(f"exported {bundle} ({manifest['backbone']['id']}, {size})")
     click.echo(extractor_table(manifest["extractors"]))
     if sign_key is not None:
         click.echo(f"signed with {sign_key} ({bundle / 'manifest.sig'})")

@@ -26,12 +26,14 @@ def list_models(as_json: bool) -> None:
         except WeightsError as exc:
             status = f"missing: {exc}"
         rows.append({"id": spec.id, "architecture": spec.architecture, "feature_dim": spec.feature_dim,
-                     "input_size": spec.preprocessing.input_size, "description": spec.description,
+                     "modality": spec.modality, "input_size": getattr(spec.preprocessing, "input_size", None),
+                     "max_length": getattr(spec.preprocessing, "max_length", None), "description": spec.description,
                      "weights_sha256": spec.weights_sha256, "url": spec.weights_url,
                      "offline": spec.offline.pip if spec.offline else None, "weights": status})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['id']:<20} {r['feature_dim']:>5}-d  {r['input_size']} px  {r['description']}")
+        size = f"{r['input_size']} px" if r["input_size"] else f"{r['max_length']} tokens"
+        click.echo(f"{r['id']:<20} {r['feature_dim']:>5}-d  {size}  {r['description']}")
         click.echo(f"{'':<20} weights: {r['weights']}")

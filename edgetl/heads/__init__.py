@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from edgetl.heads.base import Head, load_head
+from edgetl.heads.depth import DepthHead
 from edgetl.heads.prototype import ImprintHead, KNNHead, NCMHead
 from edgetl.heads.softmax import SoftmaxHead
 
-HEADS: dict[str, type[Head]] = {h.kind: h for h in (SoftmaxHead, NCMHead, KNNHead, ImprintHead)}
+HEADS: dict[str, type[Head]] = {h.kind: h for h in (SoftmaxHead, NCMHead, KNNHead, ImprintHead, DepthHead)}
 
 
 def make_head(kind: str, **params: object) -> Head:
@@ -18,4 +19,4 @@ def make_head(kind: str, **params: object) -> Head:
     return HEADS[kind](**params)  # type: ignore[arg-type]
 
 
-__all__ = ["HEADS", "Head", "ImprintHead", "KNNHead", "NCMHead", "SoftmaxHead", "load_head", "make_head"]
+__all__ = ["HEADS", "DepthHead", "Head", "ImprintHead", "KNNHead", "NCMHead", "SoftmaxHead", "load_head", "make_head"]

@@ -4,7 +4,8 @@ classifier, the point where the device head attaches (as timm's ``forward_featur
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,3 +171,51 @@ def build_backbone(spec: BackboneSpec, pretrained: bool = True) -> Backbone:
     if spec.architecture not in _BUILDERS:
         raise RegistryError(f"{spec.id}: unknown architecture {spec.architecture!r}; known: {', '.join(_BUILDERS)}")
     return _BUILDERS[spec.architecture](spec, load_state(spec) if pretrained else None).eval()
+
+
+class MultiDepth(nn.Module):
+    """A backbone's pooled embedding followed by the globally averaged outputs of some of its blocks, concatenated:
+    ``(N, 3, H, W) → (N, D + Σ c_i)`` (Head2Toe-style features from every depth; the device head selects among them).
+
+    Works on a copy of the backbone's feature extractor: forward hooks on the tapped blocks collect their outputs.
+    """
+
+    def __init__(self, backbone: Backbone, taps: Sequence[int]):
+        super().__init__()
+        import copy
+
+        clone = copy.deepcopy(backbone)
+        self.features = clone.features
+        self._outputs: list[torch.Tensor] = []
+        blocks = clone.blocks()
+        if not taps or any(not 0 <= i < len(blocks) for i in taps):
+            raise RegistryError(f"feature taps {list(taps)} must index the backbone's {len(blocks)} blocks")
+        for i in taps:
+            blocks[i].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._outputs.append(output.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._outputs = []
+        last = self.features(x)
+        return torch.cat([last, *self._outputs], dim=1)
+
+
+def feature_groups(backbone: Backbone, spec: BackboneSpec, taps: Sequence[int], input_size: int
+                   ) -> list[dict[str, Any]]:
+    """The manifest's description of a multi-depth embedding: name, offset, size and layer of origin per group."""
+    with torch.no_grad():
+        sizes = [int(t.shape[1]) for t in _tap_outputs(backbone, taps, input_size)]
+    groups = [{"name": "last", "offset": 0, "size": spec.feature_dim, "layer": "pooled final features"}]
+    offset = spec.feature_dim
+    for depth, (i, size) in enumerate(zip(taps, sizes), start=1):
+        groups.append({"name": f"depth{depth}", "offset": offset, "size": size, "layer": f"block {i} (mean-pooled)"})
+        offset += size
+    return groups
+
+
+def _tap_outputs(backbone: Backbone, taps: Sequence[int], input_size: int) -> list[torch.Tensor]:
+    probe = MultiDepth(backbone, taps).eval()
+    probe(torch.zeros(1, 3, input_size, input_size))
+    return probe._outputs

@@ -24,8 +24,8 @@ from edgetl import __version__
 from edgetl.bundle import MANIFEST, SCHEMA_VERSION, Bundle, file_entry
 from edgetl.data import ImageFolder, load_image, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, DataError, ExportValidationError
-from edgetl.heads import SoftmaxHead
-from edgetl.host.backbone import Backbone, build_backbone
+from edgetl.heads import DepthHead, SoftmaxHead
+from edgetl.host.backbone import Backbone, MultiDepth, build_backbone, feature_groups
 from edgetl.host.convert import ExportContext, converter
 from edgetl.host.finetune import load_run
 from edgetl.metrics import compare_embeddings
@@ -42,6 +42,8 @@ FP32_TOLERANCE = {"max_abs": 1e-3, "min_cosine": 0.9999}
 GOLDEN_TOLERANCE = {"fp32": {"max_abs": 1e-3, "min_cosine": 0.9999}, "fp16": {"min_cosine": 0.999},
                     "int8": {"min_cosine": 0.99}}
 GOLDEN_COUNT = 2
+#: held-out embeddings kept in the bundle per extractor: the device compares its local data with them (edgetl.domain)
+REFERENCE_COUNT = 256
 Progress = Callable[[str, int, int], None]
 
 
@@ -64,14 +66,10 @@ def export_onnx(features: torch.nn.Module, path: Path, input_size: int, opset: i
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
     import onnx
-    import onnxruntime as ort
 
-    # constant-fold the shape arithmetic (portable BASIC level: standard ONNX ops only), then fold the pads
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(path)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from edgetl.host.onnx_quant import portable_optimize
+
+    portable_optimize(path, path)  # constant-fold the shape arithmetic; standard ONNX ops only
     model = onnx.load(str(path))
     fold_pads_into_convs(model)
     used_domains = {node.domain for node in model.graph.node} | {""}
@@ -163,7 +161,7 @@ class _Gate:
     """Accuracy gate for every graph, on real held-out images the quantizers never saw."""
 
     def __init__(self, features: torch.nn.Module, calib: np.ndarray, calib_labels: np.ndarray, held: np.ndarray,
-                 held_labels: np.ndarray, seed: int):
+                 held_labels: np.ndarray, seed: int, groups: list[dict[str, Any]] | None = None):
         with torch.no_grad():
             torch_fn = lambda b: features(torch.from_numpy(b)).numpy()  # noqa: E731
             self.ref_calib = _embed(torch_fn, calib)
@@ -173,18 +171,40 @@ class _Gate:
         self.reference_head = SoftmaxHead().fit(self.ref_calib, calib_labels)
         self.ref_pred = self.reference_head.predict(self.ref_held)
         self.ref_accuracy = _cv_accuracy(self.ref_held, held_labels, self.folds)
+        self.groups = [(g["name"], slice(g["offset"], g["offset"] + g["size"])) for g in groups or []]
+        self.ref_group_accuracy = {name: _cv_accuracy(self.ref_held[:, part], held_labels, self.folds)
+                                   for name, part in self.groups}
 
-    def measure(self, extractor: Any) -> dict[str, Any]:
+    def measure(self, extractor: Any) -> tuple[dict[str, Any], np.ndarray]:
+        """(accuracy and parity report, the graph's embeddings of the held-out images)."""
         emb = _embed(extractor.embed, self.held)
         cos = compare_embeddings(self.ref_held, emb)
         ref = self.ref_held.astype(np.float64)
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1)
         accuracy = _cv_accuracy(emb, self.labels, self.folds)
+        # a multi-depth graph: every group of features must keep its accuracy too
+        group_drops = {name: round(100 * (self.ref_group_accuracy[name] - _cv_accuracy(emb[:, part], self.labels,
+                                                                                       self.folds)), 2)
+                       for name, part in self.groups}
         return {"max_abs_diff": cos["max_abs_diff"], "min_cosine": cos["min_cosine"],
                 "mean_cosine": float(((ref * emb).sum(axis=1) / np.maximum(norms, 1e-12)).mean()),
                 "top1_agreement": float((self.reference_head.predict(emb) == self.ref_pred).mean()),
                 "accuracy": accuracy, "accuracy_pytorch_fp32": self.ref_accuracy,
-                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": int(len(self.held))}
+                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": int(len(self.held)),
+                **({"group_drop_points": group_drops} if group_drops else {})}, emb
+
+
+def _feature_module(backbone: Backbone, spec: BackboneSpec, features: str, input_size: int
+                    ) -> tuple[torch.nn.Module, list[dict[str, Any]] | None]:
+    """The module to export for ``features`` (``last`` | ``multi``) and, for ``multi``, its feature groups."""
+    if features == "last":
+        return backbone.features.eval(), None
+    if features != "multi":
+        raise DataError(f"unknown --features {features!r}; use last or multi")
+    if not spec.feature_taps:
+        raise DataError(f"registry entry {spec.id} names no feature_taps; multi-depth export needs them")
+    groups = feature_groups(backbone, spec, spec.feature_taps, input_size)
+    return MultiDepth(backbone, spec.feature_taps).eval(), groups
 
 
 def _source(model: str | None, run: str | os.PathLike[str] | None, image_size: int | None
@@ -219,15 +239,26 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
            model: str | None = None, run: str | os.PathLike[str] | None = None,
            formats: Sequence[str] = ("onnx",), precisions: Sequence[str] = ("fp32",), calib_size: int = 64,
            eval_size: int = 1000, max_drop: float = 1.0, keep_failed: bool = False, image_size: int | None = None,
-           opset: int = 17, force: bool = False, seed: int = 0, progress: Progress | None = None) -> Path:
+           opset: int = 17, force: bool = False, seed: int = 0, features: str = "last",
+           progress: Progress | None = None) -> Path:
     """Export the frozen extractor of a registry backbone (``model``) or a fine-tuned ``run`` into a bundle at ``out``.
 
     ``calib``: a labelled ImageFolder of real images. A stratified part (``calib_size`` images) calibrates the INT8
     quantizers; the rest (up to ``eval_size``) is held out for the FP32 parity check and the accuracy gate: every
     FP16/INT8 graph whose held-out accuracy (5-fold, device softmax head) falls more than ``max_drop`` points below
     PyTorch FP32 raises :class:`QuantizationAccuracyError`, or is kept and marked failed with ``keep_failed``.
-    Returns the bundle path.
+    ``features``: ``last`` (the pooled final features) or ``multi`` (those followed by the pooled output of every
+    stage, described in the manifest's ``feature_groups``; the gate then holds for the whole vector and for the final
+    features, and every group's drop is reported). Returns the bundle path.
     """
+    if model is not None and run is None and get_backbone(str(model)).modality == "text":
+        if image_size is not None or features != "last":
+            raise DataError(f"{model} is a text encoder; drop --image-size and --features")
+        from edgetl.host.text_export import export_text
+
+        return export_text(out, calib, model=str(model), formats=formats, precisions=precisions,
+                           calib_size=calib_size, eval_size=eval_size, max_drop=max_drop, keep_failed=keep_failed,
+                           opset=opset, force=force, seed=seed, progress=progress)
     progress = progress or (lambda stage, done, total: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -245,23 +276,26 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
         return preprocess_batch([load_image(folder.samples[int(i)].path) for i in indices], pp)
 
     calib_images, held_images = load(calib_idx), load(held_idx)
-    features = backbone.features.eval()
+    features_module, groups = _feature_module(backbone, spec, features, pp.input_size)
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="edgetl-export-") as scratch:
         reference_onnx = Path(scratch) / "reference.onnx"
-        export_onnx(features, reference_onnx, pp.input_size, opset)
-        gate = _Gate(features, calib_images, folder.labels[calib_idx], held_images, folder.labels[held_idx], seed)
-        parity = validate_onnx(features, reference_onnx, held_images, reference=gate.ref_held)
-        ctx = ExportContext(features, reference_onnx, pp.input_size, calib_images, Path(scratch))
-        golden_inputs = held_images[:GOLDEN_COUNT]
-        golden = {"inputs": golden_inputs, "pytorch": gate.ref_held[:GOLDEN_COUNT]}
+        export_onnx(features_module, reference_onnx, pp.input_size, opset)
+        gate = _Gate(features_module, calib_images, folder.labels[calib_idx], held_images, folder.labels[held_idx],
+                     seed, groups)
+        parity = validate_onnx(features_module, reference_onnx, held_images, reference=gate.ref_held)
+        ctx = ExportContext(features_module, reference_onnx, pp.input_size, calib_images, Path(scratch))
+        golden = {"inputs": held_images[:GOLDEN_COUNT], "pytorch": gate.ref_held[:GOLDEN_COUNT]}
+        reference = {"labels": folder.labels[held_idx][:REFERENCE_COUNT],
+                     "pytorch": gate.ref_held[:REFERENCE_COUNT].astype(np.float16)}
         entries, failures = [], []
         for i, (fmt, prec) in enumerate(targets):
             progress("export", i, len(targets))
-            entry, emb = _convert_one(ctx, staging, fmt, prec, gate, golden_inputs, max_drop)
-            golden.setdefault(entry["golden"]["key"], emb)
+            entry, emb = _convert_one(ctx, staging, fmt, prec, gate, max_drop)
+            golden.setdefault(entry["golden"]["key"], emb[:GOLDEN_COUNT])
+            reference.setdefault(entry["golden"]["key"], emb[:REFERENCE_COUNT].astype(np.float16))
             if not entry["report"]["passed"]:
                 failures.append(entry)
                 if not keep_failed:
@@ -276,14 +310,17 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
                                         [e["report"] | {"format": e["format"], "precision": e["precision"]}
                                          for e in failures])
     np.savez(staging / "golden.npz", **golden)
+    np.savez(staging / "reference.npz", **reference)
 
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "edgetl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "created_unix": time.time(),
         "backbone": source | {"architecture": spec.architecture, "weights_sha256": spec.weights_sha256},
-        "feature_dim": spec.feature_dim, "preprocessing": pp.to_dict(),
+        "feature_dim": int(gate.ref_held.shape[1]), "preprocessing": pp.to_dict(),
         "extractors": entries,
         "golden": {"file": "golden.npz", "inputs": "inputs", "count": GOLDEN_COUNT},
+        "reference": {"file": "reference.npz", "count": int(min(len(held_idx), REFERENCE_COUNT)),
+                      "source": "held-out export images, embedded by each extractor (key: its golden key)"},
         "validation": parity | {"calibration_images": int(len(calib_idx)), "data": str(folder.root),
                                 "max_drop_points": max_drop},
         "labels": classes, "head": None,
@@ -291,9 +328,13 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
     if classes is not None:
         head = SoftmaxHead.from_linear(backbone.classifier.weight.detach().numpy(),
                                        backbone.classifier.bias.detach().numpy())
+        if groups is not None:  # the classifier reads the final features: the first group of the multi-depth vector
+            head = DepthHead.around(head, 0, groups[0]["size"], manifest["feature_dim"])
         head.save(staging / "head.npz")
         (staging / "labels.json").write_text(json.dumps(classes) + "\n", encoding="utf-8")
         manifest["head"] = {"file": "head.npz", "kind": head.kind, "source": "finetuned classifier"}
+    if groups is not None:
+        manifest["feature_groups"] = groups
     manifest["files"] = {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     Bundle.load(staging)  # the bundle we ship must pass the device's own checks
@@ -305,16 +346,17 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
     return out
 
 
-def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _Gate, golden_inputs: np.ndarray,
-                 max_drop: float) -> tuple[dict[str, Any], np.ndarray]:
-    """Write one graph into ``staging``, measure it with the device runtime, and return its manifest entry."""
+def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _Gate, max_drop: float
+                 ) -> tuple[dict[str, Any], np.ndarray]:
+    """Write one graph into ``staging``, measure it with the device runtime; return its manifest entry and its
+    embeddings of the held-out images."""
     fn, filename = converter(fmt, prec)
     start = time.perf_counter()
     settings = fn(ctx, staging / filename)
     seconds = time.perf_counter() - start
     companions = list(settings.pop("companions", []))
     extractor = load_extractor(fmt, staging / filename, entry={"layout": settings.get("layout", "NCHW")})
-    report = gate.measure(extractor)
+    report, held_embeddings = gate.measure(extractor)
     size = sum((staging / f).stat().st_size for f in [filename, *companions])
     report |= {"size_bytes": size, "convert_seconds": round(seconds, 2)}
     if prec == "fp32":
@@ -322,8 +364,14 @@ def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _
             report["min_cosine"] >= FP32_TOLERANCE["min_cosine"]
         reason = f"max abs diff {report['max_abs_diff']:.2e} vs PyTorch (limit {FP32_TOLERANCE['max_abs']:.0e})"
     else:
-        passed = report["drop_points"] <= max_drop
-        reason = f"accuracy drop {report['drop_points']:.2f} points (limit {max_drop})"
+        # gated: the whole vector (what a multi-depth head reads) and the final features (what a last-layer head
+        # reads); the drop of every other group is reported (an early 16-channel stage can lose much more under
+        # per-tensor INT8 while the whole vector loses nothing)
+        groups = report.get("group_drop_points", {})
+        drops = {"all features": report["drop_points"], **{k: v for k, v in groups.items() if k == "last"}}
+        worst = max(drops, key=lambda k: drops[k])
+        passed = drops[worst] <= max_drop
+        reason = f"accuracy drop {drops[worst]:.2f} points on {worst} (limit {max_drop})"
     report |= {"passed": bool(passed), "reason": reason}
     # FP32 graphs must reproduce PyTorch itself; reduced precisions their own host output (the device's runtime must
     # compute what the host's did)
@@ -334,4 +382,4 @@ def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _
              "golden": {"key": key, "tolerance": GOLDEN_TOLERANCE[prec]}}
     if not passed:
         entry["failed"] = True
-    return entry, _embed(extractor.embed, golden_inputs)
+    return entry, held_embeddings

@@ -16,6 +16,12 @@ BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "openvino": ("edgetl.runtime.openvino", "OpenVinoExtractor", "openvino", "openvino"),
     "tflite": ("edgetl.runtime.tflite", "TfliteExtractor", "ai_edge_litert", "tflite"),
 }
+#: text encoders (two-input graphs: token ids + attention mask), same layout as :data:`BACKENDS`
+TEXT_BACKENDS: dict[str, tuple[str, str, str, str]] = {
+    "onnx": ("edgetl.runtime.onnx_text", "OnnxTextExtractor", "onnxruntime", "onnx"),
+}
+#: modality → its backend table: the one place an extractor implementation is chosen
+MODALITY_BACKENDS: dict[str, dict[str, tuple[str, str, str, str]]] = {"image": BACKENDS, "text": TEXT_BACKENDS}
 
 
 def installed_backends() -> list[str]:
@@ -29,13 +35,17 @@ def installed_backends() -> list[str]:
 
 
 def load_extractor(backend: str, path: Path, *, entry: dict[str, Any] | None = None, threads: int | None = None,
-                   **options: Any) -> FeatureExtractor:
-    """Open the graph at ``path`` with ``backend`` (see :data:`BACKENDS`); ``entry`` is its manifest record."""
-    if backend not in BACKENDS:
-        raise BundleError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    module, name, _, _ = BACKENDS[backend]
+                   modality: str = "image", **options: Any) -> FeatureExtractor:
+    """Open the graph at ``path`` with ``backend`` (see :data:`BACKENDS`; :data:`TEXT_BACKENDS` for a text encoder);
+    ``entry`` is its manifest record."""
+    table = MODALITY_BACKENDS.get(modality)
+    if table is None:
+        raise BundleError(f"unknown modality {modality!r}; known: {', '.join(MODALITY_BACKENDS)}")
+    if backend not in table:
+        raise BundleError(f"unknown backend {backend!r} for {modality}; known: {', '.join(table)}")
+    module, name, _, _ = table[backend]
     cls = getattr(importlib.import_module(module), name)
     return cls(path, entry=entry or {}, threads=threads, **options)
 
 
-__all__ = ["BACKENDS", "FeatureExtractor", "installed_backends", "load_extractor"]
+__all__ = ["BACKENDS", "TEXT_BACKENDS", "FeatureExtractor", "installed_backends", "load_extractor"]
