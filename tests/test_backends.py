@@ -95,3 +95,31 @@ def test_device_info_shows_the_report(full_bundle: Path) -> None:
     res = CliRunner().invoke(main, ["device", "info", str(full_bundle), "--profile", "generic-cpu"])
     assert res.exit_code == 0
     assert "tflite/int8" in res.stdout and "openvino/fp32" in res.stdout and "selected     extractor.onnx" in res.stdout
+
+
+def test_onnx_session_restarts_after_a_provider_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """onnxruntime's own fallback (TensorRT libraries missing) drops provider options; edgetl restarts the session on
+    the providers that work, with their options (FP32: no TF32 on CUDA, measured on an H200)."""
+    import onnxruntime as ort
+
+    from edgetl.runtime import onnx as onnx_runtime
+
+    calls: list[tuple[list[str], list[dict[str, str]]]] = []
+
+    class FakeSession:
+        def __init__(self, path: str, sess_options: object, providers: list[str],
+                     provider_options: list[dict[str, str]]) -> None:
+            calls.append((list(providers), list(provider_options)))
+            self._used = [p for p in providers if p != "TensorrtExecutionProvider"]
+
+        def get_providers(self) -> list[str]:
+            return self._used
+
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: wanted)
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    session = onnx_runtime.open_session(tmp_path / "g.onnx", providers=wanted, precision="fp32")
+    assert session.get_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert calls[-1] == (["CUDAExecutionProvider", "CPUExecutionProvider"], [{"use_tf32": "0"}, {}])
+    onnx_runtime.open_session(tmp_path / "g.onnx", providers=wanted[1:], precision="fp16")
+    assert calls[-1][1] == [{}, {}]  # reduced precision: the provider's defaults

@@ -18,17 +18,38 @@ def _version(module: str) -> str:
     return version(module)
 
 
-def optimize_fp32(ctx: ExportContext, out: Path) -> dict[str, Any]:
-    """ONNX Runtime's offline optimisation at the portable EXTENDED level (ALL would bake in this CPU's layouts; the
-    device applies it online)."""
+#: ONNX Runtime graph fusions that write runtime-specific (com.microsoft) ops; kept out of every exported graph
+NON_PORTABLE_FUSIONS = ("ConvActivationFusion", "ConvAddActivationFusion", "GemmActivationFusion", "MatMulAddFusion")
+
+
+def portable_optimize(src: Path, dst: Path) -> str:
+    """ONNX Runtime's offline BASIC optimisation (constant folding, redundant nodes, BatchNorm into Conv) of ``src``
+    into ``dst``, keeping standard ONNX ops only: ONNX Runtime 1.2x+ fuses Conv+Clip into its CPU-only
+    com.microsoft FusedConv even at BASIC, which the CUDA and TensorRT providers refuse (seen on an H200: "unsupported
+    conv activation mode Clip"). The device's runtime applies such fusions online, for the provider it runs on.
+    Returns a description for the manifest."""
+    import onnx
     import onnxruntime as ort
 
+    from edgetl.errors import ExportValidationError
+
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(out)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(dst)
     options.log_severity_level = 3
-    ort.InferenceSession(str(ctx.onnx_fp32), options, providers=["CPUExecutionProvider"])
-    return {"tool": f"onnxruntime {ort.__version__}", "optimization": "ORT_ENABLE_EXTENDED (offline)"}
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(NON_PORTABLE_FUSIONS))
+    custom = sorted({f"{n.domain}.{n.op_type}" for n in onnx.load(str(dst)).graph.node
+                     if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise ExportValidationError(f"the optimised ONNX graph uses runtime-specific ops ({', '.join(custom)}); GPU "
+                                    "providers could not load it — report this with your onnxruntime version")
+    return f"onnxruntime {ort.__version__} ORT_ENABLE_BASIC (offline, standard ONNX ops only)"
+
+
+def optimize_fp32(ctx: ExportContext, out: Path) -> dict[str, Any]:
+    """The portable optimised FP32 graph (:func:`portable_optimize`; the device applies ALL online)."""
+    return {"tool": "onnxruntime", "optimization": portable_optimize(ctx.onnx_fp32, out)}
 
 
 def to_fp16(ctx: ExportContext, out: Path) -> dict[str, Any]:
