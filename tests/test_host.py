@@ -98,7 +98,33 @@ def test_freeze_modes_train_the_right_parameters(freeze: str) -> None:
     total = sum(p.numel() for p in model.features.parameters())
     assert {"head": trainable == 0, "partial": 0 < trainable < total, "none": trainable == total}[freeze]
     if freeze != "head":
-        assert groups[1]["lr"] == pytest.approx(1e-3)  # the backbone learns at a tenth of the head's rate
+        assert groups[1]["lr"] == pytest.approx(1e-4)  # the backbone learns at a hundredth of the head's rate
+
+
+def test_linear_probe_starts_the_classifier_from_the_frozen_features_head(demo_train: Path) -> None:
+    """LP-FT: before the backbone trains, the classifier equals the softmax head fitted on the frozen features."""
+    import torch
+
+    from edgetl.data import scan_image_folder
+    from edgetl.heads import SoftmaxHead
+    from edgetl.host.backbone import build_backbone
+    from edgetl.host.finetune import _Images, _linear_probe
+    from edgetl.registry import get_backbone
+
+    spec = get_backbone("mobilenet_v2")
+    pp = spec.preprocessing.with_size(64)
+    folder = scan_image_folder(demo_train)
+    idx = np.arange(0, len(folder), 3)
+    model = build_backbone(spec)
+    model.replace_classifier(len(folder.classes))
+    _linear_probe(model, folder, idx, pp, torch.device("cpu"), 0, 32)
+    with torch.no_grad():
+        X = torch.stack([_Images(folder, idx, pp, False, 0)[i][0] for i in range(len(idx))])
+        feats = model.features(X).numpy()
+        logits = model(X).numpy()
+    expected = SoftmaxHead(seed=0).fit(feats, folder.labels[idx]).decision_function(feats)
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
+    assert (logits.argmax(1) == folder.labels[idx]).mean() > 0.8  # a trained head, not a random one
 
 
 def test_finetune_export_device_end_to_end(tmp_path: Path, demo_train: Path, demo_test: Path) -> None:

@@ -1,0 +1,204 @@
+"""``edgetl fleet``: head-only federated learning across devices that run the same bundle (Flower; ``edgetl[fleet]``).
+
+- ``simulate``: the whole fleet on one machine in Flower's simulation engine (one SuperNode per bundle);
+- ``server``: write a Flower app folder (``pyproject.toml`` naming ``edgetl.fleet.app:server_app`` / ``client_app``
+  and the run config) for ``flwr run`` against a SuperLink;
+- ``client``: start a Flower SuperNode for one device bundle (``flower-supernode`` with the bundle in its node config);
+- ``adopt``: pass a head written by a fleet server through the device's promote gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+_bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
+
+
+def _head_options(f):  # type: ignore[no-untyped-def]
+    f = click.option("--head", type=click.Choice(["ncm", "softmax"]), default="ncm", show_default=True,
+                     help="ncm: exact aggregation of per-class sums and counts; softmax: FedAvgM of L-BFGS steps.")(f)
+    f = click.option("--strategy", type=click.Choice(["fedavg", "lbfgs"]), default="fedavg", show_default=True,
+                     help="softmax: fedavg = Flower's FedAvgM over local L-BFGS steps; lbfgs = federated full-batch "
+                          "L-BFGS (devices send loss and gradient each round; the head equals central training).")(f)
+    f = click.option("--rounds", type=click.IntRange(min=1), default=60, show_default=True,
+                     help="softmax: FedAvg rounds, or at most this many L-BFGS iterations.")(f)
+    f = click.option("--momentum", type=click.FloatRange(0, 0.99), default=0.7, show_default=True,
+                     help="Server momentum of FedAvgM (softmax; 0 = plain FedAvg).")(f)
+    f = click.option("--local-iter", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="L-BFGS iterations each device runs per round (softmax); more drift apart on "
+                          "non-identical class splits.")(f)
+    f = click.option("--min-clients", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Devices (with the fleet's extractor) needed to start.")(f)
+    f = click.option("--adopt", is_flag=True, help="Send the aggregated head to every device, through its gate.")(f)
+    f = click.option("--force", is_flag=True, help="With --adopt: promote past the devices' gates.")(f)
+    return f
+
+
+def _summary(result: dict) -> str:  # type: ignore[type-arg]
+    up = [max(r.values()) for r in result["bytes_up"]] or [0]
+    lines = [(f"{result['head']} head over {len(result['accepted'])} device(s), {len(result['classes'])} classes: "
+              f"{', '.join(result['classes'])}"),
+             (f"rounds: {result['rounds']}, largest upload per device per round: {max(up)} bytes "
+              f"(join: {max(result['join_bytes_up'].values(), default=0)} bytes)")]
+    for node, reason in result["rejected"].items():
+        lines.append(f"rejected device {node}: {reason}")
+    for node, adopted in result["adopted"].items():
+        state = "promoted" if adopted["promoted"] else "kept as candidate"
+        lines.append(f"device {node}: {adopted['version']} {state} ({adopted['reason']})")
+    lines.append(f"wrote {result['head_file']} (+ labels.json, fleet.json)")
+    return "\n".join(lines)
+
+
+@click.group()
+def fleet() -> None:
+    """Federated head training across devices that share one bundle (Flower): only heads and per-class counts
+    travel, never images or embeddings."""
+
+
+@fleet.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for head.npz, labels.json, "
+              "fleet.json.")
+@click.option("--server-bundle", type=click.Path(path_type=Path), default=None,
+              help="Bundle whose extractor the fleet uses (default: the first BUNDLE).")
+@_head_options
+@click.option("--json", "as_json", is_flag=True, help="Print fleet.json.")
+def simulate(bundles: tuple[Path, ...], out: Path, server_bundle: Path | None, head: str, strategy: str,
+             rounds: int, momentum: float, local_iter: int, min_clients: int, adopt: bool, force: bool,
+             as_json: bool) -> None:
+    """Run a fleet of device BUNDLES on this machine in Flower's simulation engine."""
+    from edgetl.device import DeviceRuntime
+    from edgetl.fleet.app import FleetConfig, read_result
+    from edgetl.fleet.app import simulate as run
+
+    sha = DeviceRuntime(server_bundle or bundles[0]).extractor_sha256
+    cfg = FleetConfig(extractor_sha256=sha, out=str(out), head=head, strategy=strategy, rounds=rounds,
+                      local_iter=local_iter, momentum=momentum, min_clients=min_clients, adopt=adopt, force=force)
+    run([str(b) for b in bundles], cfg)
+    result = read_result(out)
+    click.echo(json.dumps(result, indent=2) if as_json else _summary(result))
+
+
+_APP_TOML = """\
+# A Flower app (flwr run) for an edgetl fleet; written by `edgetl fleet server`.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "edgetl-fleet"
+version = "1.0.0"
+description = "edgetl head-only federated learning"
+license = "Apache-2.0"
+dependencies = ["edgetl[fleet]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "edgetl"
+
+[tool.flwr.app.components]
+serverapp = "edgetl.fleet.app:server_app"
+clientapp = "edgetl.fleet.app:client_app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+@fleet.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path),
+              help="The fleet's bundle (its extractor sha256 decides who may join).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder the ServerApp writes head.npz, labels.json and fleet.json to (on the SuperLink host).")
+@click.option("--app-dir", type=click.Path(path_type=Path), default=Path("edgetl-fleet-app"), show_default=True,
+              help="Flower app folder to write.")
+@_head_options
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds to wait for devices (to connect, and to answer each round).")
+def server(bundle: Path, out: Path, app_dir: Path, head: str, strategy: str, rounds: int, momentum: float,
+           local_iter: int, min_clients: int, adopt: bool, force: bool, timeout: float) -> None:
+    """Write the Flower app for a fleet run, then print the commands that start it (Flower's deployment engine:
+    flower-superlink here, `edgetl fleet client` on each device, `flwr run APP-DIR` to submit)."""
+    from edgetl.device import DeviceRuntime
+    from edgetl.fleet.app import FleetConfig
+
+    cfg = FleetConfig(extractor_sha256=DeviceRuntime(bundle).extractor_sha256, out=str(out.resolve()), head=head,
+                      strategy=strategy,
+                      rounds=rounds, local_iter=local_iter, momentum=momentum, min_clients=min_clients, adopt=adopt,
+                      force=force, timeout=timeout)
+    lines = [f"{k.replace('_', '-')} = {json.dumps(v)}" for k, v in asdict(cfg).items()]
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(_APP_TOML.format(config="\n".join(lines)), encoding="utf-8")
+    click.echo(f"wrote {app_dir / 'pyproject.toml'} (extractor {cfg.extractor_sha256[:12]}…, {head} head)")
+    click.echo("start the SuperLink:      flower-superlink --insecure")
+    click.echo("on each device:           edgetl fleet client BUNDLE --superlink THIS-HOST:9092 --insecure")
+    click.echo(f"submit the run:           flwr run {app_dir} CONNECTION   (a [superlink.CONNECTION] in "
+               "~/.flwr/config.toml: address = \"THIS-HOST:9093\", insecure = true)")
+
+
+@fleet.command()
+@_bundle_arg
+@click.option("--superlink", required=True, help="HOST:PORT of the Flower SuperLink's Fleet API (port 9092).")
+@click.option("--insecure", is_flag=True, help="Plain gRPC (testing only); else pass --root-certificates.")
+@click.option("--root-certificates", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM).")
+@click.option("--dry-run", is_flag=True, help="Check the bundle and print the SuperNode command without running it.")
+def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path | None, dry_run: bool) -> None:
+    """Start a Flower SuperNode for the device BUNDLE (its head's training embeddings stay on the device)."""
+    from edgetl.device import DeviceRuntime
+    from edgetl.errors import RuntimeMissingError
+    from edgetl.fleet.app import local_data
+
+    runtime = DeviceRuntime(bundle)
+    data = local_data(runtime)  # fails clearly when no head was trained here
+    exe = shutil.which("flower-supernode") or str(Path(sys.executable).parent / "flower-supernode")
+    if not Path(exe).exists():
+        raise RuntimeMissingError("flower-supernode is not installed; install it with: pip install 'edgetl[fleet]'")
+    cmd = [exe, "--superlink", superlink, "--node-config", f"bundle={json.dumps(str(bundle.resolve()))}"]
+    cmd += ["--insecure"] if insecure else []
+    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else []
+    click.echo(f"device {bundle}: extractor {runtime.extractor_sha256[:12]}…, {len(data.y)} training embeddings, "
+               f"classes {', '.join(data.classes)}")
+    click.echo(" ".join(cmd))
+    if not dry_run:
+        os.execv(cmd[0], cmd)
+
+
+@fleet.command()
+@_bundle_arg
+@click.option("--head", "head_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder written by a fleet server (head.npz, labels.json, fleet.json).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Promote gate: largest accuracy loss against the current head.")
+@click.option("--force", is_flag=True, help="Promote even if the gate would keep it as a candidate.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait for another trainer to finish.")
+def adopt(bundle: Path, head_dir: Path, tolerance: float, force: bool, wait: float) -> None:
+    """Adopt a fleet head on the device BUNDLE through its promote gate."""
+    from edgetl.device import DeviceRuntime
+    from edgetl.errors import DataError
+    from edgetl.fleet.app import read_result
+    from edgetl.registry import sha256_file
+
+    meta = read_result(head_dir)
+    if sha256_file(head_dir / "head.npz") != meta.get("head_sha256"):
+        raise DataError(f"{head_dir / 'head.npz'} does not match the sha256 in fleet.json (damaged or replaced); "
+                        "fetch the fleet head again")
+    try:
+        labels = json.loads((head_dir / "labels.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{head_dir / 'labels.json'} is missing or unreadable ({exc})") from exc
+    report = DeviceRuntime(bundle).adopt_head(head_dir / "head.npz", labels, source=f"fleet {head_dir}",
+                                              extractor_sha256=meta["extractor_sha256"], tolerance=tolerance,
+                                              force=force, wait=wait)
+    state = "promoted" if report.promoted else "kept as candidate"
+    acc = f", accuracy on local data {report.val_accuracy:.3f}" if report.val_accuracy is not None else ""
+    click.echo(f"{report.version} {state}: {report.reason}{acc}")

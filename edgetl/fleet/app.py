@@ -1,0 +1,497 @@
+"""Flower apps for head-only federated learning across a fleet of devices that run the same bundle.
+
+Flower (``flwr``, Message API) carries every message; edgetl adds only what a device computes and how the server
+combines it (:mod:`edgetl.fleet.core`). One run:
+
+1. ``query.join`` — the server sends its extractor sha256; each device answers with its own, and, only when they
+   match, its class names, per-class counts and feature sums. A device with another extractor is rejected (its
+   embeddings live in another space) and takes no further part.
+2. NCM head: ``train.ncm`` (per-class sums and counts around the global centre, summed exactly) then
+   ``query.ncm_scale`` (a few Newton steps of the softmax-scale fit on derivatives summed over the devices).
+   Softmax head, ``strategy="fedavg"``: Flower's FedAvgM strategy (FedAvg with server momentum) for ``rounds``
+   rounds, each device running ``local_iter`` L-BFGS iterations from the global head, weighted by its share of the
+   global class-balanced objective. ``strategy="lbfgs"``: federated full-batch L-BFGS — each round every device
+   returns its term of the global objective and its gradient at the server's head (``train.gradient``); the server
+   runs :class:`~edgetl.heads.SoftmaxHead`'s own L-BFGS on the sums (at most ``rounds`` iterations), so the head is
+   the central one.
+3. The server writes ``head.npz``, ``labels.json`` and ``fleet.json`` to its output folder; with ``adopt`` it also
+   sends the head to every device (``query.adopt``), which passes it through its own promote gate
+   (:meth:`edgetl.DeviceRuntime.adopt_head`).
+
+Deployment follows Flower's conventions: the ``ServerApp`` is :data:`server_app` and the ``ClientApp`` is
+:data:`client_app` (``edgetl.fleet.app:server_app`` / ``edgetl.fleet.app:client_app``); each SuperNode names its bundle
+in its node config (``--node-config "bundle='/data/bundle'"``), the run config carries the server settings
+(:class:`FleetConfig`). ``edgetl fleet simulate`` runs the same apps in Flower's simulation engine on one machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl._atomic import atomic_write, atomic_write_json
+from edgetl.errors import DataError, EdgeTLError
+from edgetl.fleet import core
+
+log = logging.getLogger(__name__)
+
+HEAD_KINDS = ("ncm", "softmax")
+SOFTMAX_STRATEGIES = ("fedavg", "lbfgs")
+
+
+def _flwr():  # type: ignore[no-untyped-def]
+    try:
+        import flwr  # noqa: F401
+    except ImportError as exc:
+        from edgetl.errors import RuntimeMissingError
+
+        raise RuntimeMissingError("federated learning needs Flower; install it with: pip install 'edgetl[fleet]'") \
+            from exc
+    from flwr import app as flwr_app
+
+    return flwr_app
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Server settings (also read from a Flower run config: keys with ``-`` instead of ``_``)."""
+
+    extractor_sha256: str
+    out: str
+    head: str = "ncm"
+    strategy: str = "fedavg"  #: softmax: "fedavg" (Flower's FedAvgM) or "lbfgs" (federated full-batch L-BFGS)
+    rounds: int = 60
+    local_iter: int = 1
+    momentum: float = 0.7
+    l2: float = 0.05
+    min_clients: int = 2
+    adopt: bool = False
+    force: bool = False
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise DataError(f"fleet head must be one of {', '.join(HEAD_KINDS)}, found {self.head!r}")
+        if self.strategy not in SOFTMAX_STRATEGIES:
+            raise DataError(f"softmax strategy must be one of {', '.join(SOFTMAX_STRATEGIES)}, found "
+                            f"{self.strategy!r}")
+        if self.rounds < 1 or self.local_iter < 1 or self.min_clients < 1:
+            raise DataError("rounds, local_iter and min_clients must be at least 1")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FleetConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known}
+        if "extractor_sha256" not in values and "bundle" in run_config:
+            values["extractor_sha256"] = _bundle_sha256(str(run_config["bundle"]))
+        missing = {"extractor_sha256", "out"} - set(values)
+        if missing:
+            raise DataError(f"fleet run config lacks {', '.join(sorted(missing))}; pass --run-config "
+                            "\"bundle='BUNDLE' out='DIR'\"")
+        return cls(**values)
+
+
+@dataclass
+class FleetResult:
+    """What a run did: accepted and rejected devices, rounds, bytes each device sent per round, the head written."""
+
+    head: str
+    classes: list[str]
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    rounds: int = 0
+    bytes_up: list[dict[str, int]] = field(default_factory=list)  #: per round: node id → bytes it sent
+    bytes_down: list[dict[str, int]] = field(default_factory=list)  #: per round: node id → bytes it received
+    join_bytes_up: dict[str, int] = field(default_factory=dict)  #: node id → bytes of its join reply (stats)
+    adopted: dict[int, dict[str, Any]] = field(default_factory=dict)
+    head_file: str = ""
+    head_sha256: str = ""
+    extractor_sha256: str = ""
+    seconds: float = 0.0
+
+
+def _bundle_sha256(bundle: str) -> str:
+    from edgetl.device import DeviceRuntime
+
+    return DeviceRuntime(bundle).extractor_sha256
+
+
+# ------------------------------------------------------------------------------------------------------ the device
+_LOCAL: dict[tuple[str, str | None], core.LocalData] = {}
+
+
+def _runtime(bundle: str):  # type: ignore[no-untyped-def]
+    from edgetl.device import DeviceRuntime
+
+    return DeviceRuntime(bundle)
+
+
+def local_data(runtime: Any) -> core.LocalData:
+    """The current head's training embeddings from the device's store (cached per bundle and head version)."""
+    key = (str(runtime.bundle.path), runtime.current_version())
+    if key not in _LOCAL:
+        X, _, y, classes = runtime._training_set()
+        _LOCAL[key] = core.LocalData(X.astype(np.float32), y.astype(np.int64), list(classes))
+    return _LOCAL[key]
+
+
+def _bundle_for(context: Any, bundles: Sequence[str] | None) -> str:
+    node = dict(context.node_config)
+    if "bundle" in node:
+        return str(node["bundle"])
+    if bundles is not None and "partition-id" in node:
+        return str(bundles[int(node["partition-id"]) % len(bundles)])
+    raise DataError("this Flower SuperNode names no bundle; start it with --node-config \"bundle='/path/to/bundle'\"")
+
+
+def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  # type: ignore[no-untyped-def]
+    """The Flower ``ClientApp`` of a device. Its bundle comes from the node config (``bundle``) or, in a simulation,
+    from ``bundles[partition-id]``."""
+    fa = _flwr()
+    from flwr.clientapp import ClientApp
+
+    paths = [str(b) for b in bundles] if bundles is not None else None
+    app = ClientApp()
+
+    def _checked(msg: Any, context: Any) -> tuple[Any, core.LocalData]:
+        runtime = _runtime(_bundle_for(context, paths))
+        expected = str(msg.content["config"]["extractor_sha256"])
+        if expected != runtime.extractor_sha256:
+            raise DataError(f"this device's extractor {runtime.extractor_sha256[:12]}… is not the fleet's "
+                            f"{expected[:12]}…; it takes no part in the round")
+        return runtime, local_data(runtime)
+
+    @app.query("join")
+    def join(msg: Any, context: Any) -> Any:
+        runtime = _runtime(_bundle_for(context, paths))
+        expected = str(msg.content["config"]["extractor_sha256"])
+        reply = fa.RecordDict()
+        if expected != runtime.extractor_sha256:
+            log.warning("fleet: rejected, extractor %s differs from the server's %s", runtime.extractor_sha256[:12],
+                        expected[:12])
+            reply["config"] = fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256, "accepted": False})
+            return fa.Message(reply, reply_to=msg)
+        data = local_data(runtime)
+        stats = core.local_stats(data)
+        reply["config"] = fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256, "accepted": True,
+                                           "classes": list(data.classes)})
+        reply["arrays"] = fa.ArrayRecord({k: fa.Array(np.asarray(v)) for k, v in stats.items()})
+        return fa.Message(reply, reply_to=msg)
+
+    @app.train("ncm")
+    def ncm_sums(msg: Any, context: Any) -> Any:
+        _, data = _checked(msg, context)
+        union = list(msg.content["config"]["classes"])
+        sums, counts = core.local_ncm_sums(data, union, msg.content["arrays"]["centre"].numpy())
+        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"sums": fa.Array(sums), "counts": fa.Array(counts)})})
+        return fa.Message(reply, reply_to=msg)
+
+    @app.query("ncm_scale")
+    def ncm_scale(msg: Any, context: Any) -> Any:
+        _, data = _checked(msg, context)
+        cfg = msg.content["config"]
+        arrays = msg.content["arrays"]
+        head = core.ncm_head(arrays["centre"].numpy(), arrays["sums"].numpy(), arrays["counts"].numpy(), 1.0)
+        moments = core.local_scale_moments(data, list(cfg["classes"]), head, float(cfg["scale"]))
+        return fa.Message(fa.RecordDict({"arrays": fa.ArrayRecord({"moments": fa.Array(moments)})}), reply_to=msg)
+
+    @app.train()
+    def softmax_round(msg: Any, context: Any) -> Any:
+        _, data = _checked(msg, context)
+        cfg = msg.content["config"]
+        arrays = msg.content["arrays"]
+        coef, intercept, share = core.local_softmax_round(
+            data, list(cfg["classes"]), arrays["coef"].numpy(), arrays["intercept"].numpy(),
+            np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32),
+            np.asarray(cfg["class_weights"], np.float64), float(cfg["l2"]), int(cfg["local_iter"]))
+        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"coef": fa.Array(coef), "intercept": fa.Array(intercept)}),
+                               "metrics": fa.MetricRecord({"share": share, "num-examples": len(data.y)})})
+        return fa.Message(reply, reply_to=msg)
+
+    @app.train("gradient")
+    def gradient(msg: Any, context: Any) -> Any:
+        _, data = _checked(msg, context)
+        cfg = msg.content["config"]
+        loss, grad = core.local_softmax_gradient(
+            data, list(cfg["classes"]), msg.content["arrays"]["theta"].numpy(), np.asarray(cfg["mean"], np.float32),
+            np.asarray(cfg["std"], np.float32), np.asarray(cfg["class_weights"], np.float64))
+        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"grad": fa.Array(grad.astype(np.float32))}),
+                               "metrics": fa.MetricRecord({"loss": loss})})
+        return fa.Message(reply, reply_to=msg)
+
+    @app.query("adopt")
+    def adopt(msg: Any, context: Any) -> Any:
+        runtime, _ = _checked(msg, context)
+        cfg = msg.content["config"]
+        with tempfile.TemporaryDirectory(prefix="edgetl-fleet-") as tmp:
+            path = Path(tmp) / "head.npz"
+            path.write_bytes(bytes(cfg["head"]))
+            report = runtime.adopt_head(path, list(cfg["classes"]), source=str(cfg["source"]),
+                                        extractor_sha256=str(cfg["extractor_sha256"]), force=bool(cfg["force"]),
+                                        wait=30.0)
+        reply = fa.ConfigRecord({"version": report.version, "promoted": report.promoted, "reason": report.reason,
+                                 "local_accuracy": -1.0 if report.val_accuracy is None else report.val_accuracy})
+        return fa.Message(fa.RecordDict({"config": reply}), reply_to=msg)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------------ the server
+def _bytes(content: Any) -> int:
+    """Payload bytes of a message's records (arrays, metrics, configs) as Flower counts them."""
+    total = 0
+    for records in (content.array_records, content.metric_records, content.config_records):
+        total += sum(r.count_bytes() for r in records.values())
+    return total
+
+
+def _exchange(grid: Any, nodes: Iterable[int], message_type: str, content_for: Any, timeout: float,
+              result: FleetResult | None = None) -> dict[int, Any]:
+    """Send one message to each node, wait for every reply; error replies raise. Returns node → reply content."""
+    fa = _flwr()
+    messages, down = [], {}
+    for node in nodes:
+        content = content_for(node)
+        down[str(node)] = _bytes(content)
+        messages.append(fa.Message(content=content, dst_node_id=node, message_type=message_type))
+    replies = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise EdgeTLError(f"device {node} failed in {message_type}: {reply.error.reason}")
+        replies[node] = reply.content
+    missing = {int(n) for n in nodes} - set(replies)
+    if missing:
+        raise EdgeTLError(f"{len(missing)} device(s) did not answer {message_type} within {timeout:.0f} s; raise "
+                          "--timeout or check the SuperNodes")
+    if result is not None:
+        result.bytes_down.append(down)
+        result.bytes_up.append({str(n): _bytes(c) for n, c in replies.items()})
+        result.rounds += 1
+    return replies
+
+
+def _wait_for_nodes(grid: Any, min_clients: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= min_clients:
+            return nodes
+        if time.monotonic() > deadline:
+            raise EdgeTLError(f"only {len(nodes)} of {min_clients} devices connected within {timeout:.0f} s; start "
+                              "more clients or lower --min-clients")
+        time.sleep(1.0)
+
+
+def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
+    """The server side of one fleet run on a Flower ``Grid``; writes the head to ``cfg.out`` and returns the record."""
+    fa = _flwr()
+    start = time.perf_counter()
+    result = FleetResult(head=cfg.head, classes=[], extractor_sha256=cfg.extractor_sha256)
+
+    def config(**values: Any) -> Any:
+        return fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256} | values)
+
+    nodes = _wait_for_nodes(grid, cfg.min_clients, cfg.timeout)
+    joined = _exchange(grid, nodes, "query.join", lambda n: fa.RecordDict({"config": config()}), cfg.timeout)
+    result.join_bytes_up = {str(n): _bytes(c) for n, c in joined.items()}
+    reports = []
+    for node, content in sorted(joined.items()):
+        theirs = str(content["config"]["extractor_sha256"])
+        if theirs != cfg.extractor_sha256 or not content["config"]["accepted"]:
+            result.rejected[node] = (f"extractor sha256 {theirs[:12]}… differs from the fleet's "
+                                     f"{cfg.extractor_sha256[:12]}…; install the fleet's bundle on this device")
+            log.warning("fleet: device %s rejected: %s", node, result.rejected[node])
+            continue
+        result.accepted.append(node)
+        arrays = content["arrays"]
+        reports.append((list(content["config"]["classes"]), {k: arrays[k].numpy() for k in arrays}))
+    if len(result.accepted) < cfg.min_clients:
+        raise EdgeTLError(f"only {len(result.accepted)} device(s) run the fleet's extractor; at least "
+                          f"{cfg.min_clients} are needed ({len(result.rejected)} rejected)")
+    stats = core.merge_stats(reports)
+    result.classes = stats.classes
+    accepted = result.accepted
+
+    if cfg.head == "ncm":
+        centre = fa.ArrayRecord({"centre": fa.Array(stats.mean)})
+        sums_replies = _exchange(grid, accepted, "train.ncm", lambda n: fa.RecordDict(
+            {"config": config(classes=stats.classes), "arrays": centre}), cfg.timeout, result)
+        sums = sum(c["arrays"]["sums"].numpy() for c in sums_replies.values())
+        counts = sum(c["arrays"]["counts"].numpy() for c in sums_replies.values())
+        head_arrays = fa.ArrayRecord({"centre": fa.Array(stats.mean), "sums": fa.Array(np.asarray(sums)),
+                                      "counts": fa.Array(np.asarray(counts))})
+        search = core.ScaleSearch()
+        while not search.done:
+            replies = _exchange(grid, accepted, "query.ncm_scale", lambda n: fa.RecordDict(
+                {"config": config(classes=stats.classes, scale=search.scale), "arrays": head_arrays}), cfg.timeout,
+                result)
+            search.update(sum(c["arrays"]["moments"].numpy() for c in replies.values()))
+        head = core.ncm_head(stats.mean, np.asarray(sums), np.asarray(counts), search.scale)
+    else:
+        head = _SOFTMAX[cfg.strategy](grid, cfg, stats, accepted, result)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    head.save(buf)
+    payload = buf.getvalue()
+    atomic_write(out / "head.npz", lambda fh: fh.write(payload))
+    atomic_write_json(out / "labels.json", stats.classes)
+    result.head_file = str(out / "head.npz")
+    result.head_sha256 = hashlib.sha256(payload).hexdigest()
+
+    if cfg.adopt:
+        adopt_cfg = config(classes=stats.classes, head=payload, source=f"fleet {cfg.head} head ({len(accepted)} "
+                           f"devices)", force=cfg.force)
+        replies = _exchange(grid, accepted, "query.adopt", lambda n: fa.RecordDict({"config": adopt_cfg}),
+                            cfg.timeout)
+        result.adopted = {n: dict(c["config"]) for n, c in replies.items()}
+    result.seconds = round(time.perf_counter() - start, 2)
+    atomic_write_json(out / "fleet.json", asdict(result) | {"config": asdict(cfg), "n_samples": stats.n,
+                                                            "class_counts": stats.counts.tolist()})
+    return result
+
+
+def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[int], result: FleetResult) -> Any:
+    """Flower's FedAvgM over the accepted devices: FedAvg weighted by each device's share of the global objective,
+    with server momentum (devices holding different classes pull the head apart; momentum damps that)."""
+    fa = _flwr()
+    from flwr.serverapp.strategy import FedAvgM
+
+    class _Accepted(FedAvgM):
+        """FedAvg (with server momentum) that trains only the devices admitted at join, and records bytes per device
+        per round."""
+
+        def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
+            if self.current_arrays is None:
+                self.current_arrays = arrays
+            config["server-round"] = server_round
+            record = fa.RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            result.bytes_down.append({str(n): _bytes(record) for n in accepted})
+            return self._construct_messages(record, accepted, fa.MessageType.TRAIN)
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            failed = [r for r in replies if r.has_error()]
+            if failed:
+                raise EdgeTLError(f"device {failed[0].metadata.src_node_id} failed in round {server_round}: "
+                                  f"{failed[0].error.reason}")
+            if len(replies) < len(accepted):
+                raise EdgeTLError(f"only {len(replies)} of {len(accepted)} devices answered round {server_round}; "
+                                  "raise --timeout or check the SuperNodes")
+            result.bytes_up.append({str(r.metadata.src_node_id): _bytes(r.content) for r in replies})
+            result.rounds += 1
+            return super().aggregate_train(server_round, replies)
+
+    n_classes, dim = len(stats.classes), len(stats.mean)
+    initial = fa.ArrayRecord({"coef": fa.Array(np.zeros((n_classes, dim), np.float32)),
+                              "intercept": fa.Array(np.zeros(n_classes, np.float32))})
+    train_config = fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256, "classes": stats.classes,
+                                    "mean": stats.mean.astype(float).tolist(), "std": stats.std.astype(float).tolist(),
+                                    "class_weights": core.class_weights(stats.counts).tolist(), "l2": cfg.l2,
+                                    "local_iter": cfg.local_iter})
+    strategy = _Accepted(fraction_evaluate=0.0, min_train_nodes=len(accepted), min_available_nodes=len(accepted),
+                         weighted_by_key="share", server_learning_rate=1.0, server_momentum=cfg.momentum)
+    out = strategy.start(grid, initial, num_rounds=cfg.rounds, timeout=cfg.timeout, train_config=train_config)
+    return core.softmax_head(out.arrays["coef"].numpy(), out.arrays["intercept"].numpy(), stats.mean, stats.std,
+                             l2=cfg.l2)
+
+
+def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[int],
+                     result: FleetResult) -> Any:
+    """The L-BFGS of :class:`~edgetl.heads.SoftmaxHead` (same start, tolerance, memory) on the global objective,
+    each evaluation one Flower round in which every device returns its term's loss and gradient (exact sums)."""
+    fa = _flwr()
+    from edgetl.heads.softmax import _lbfgs
+
+    n_classes, dim = len(stats.classes), len(stats.mean)
+    settings = fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256, "classes": stats.classes,
+                                "mean": stats.mean.astype(float).tolist(), "std": stats.std.astype(float).tolist(),
+                                "class_weights": core.class_weights(stats.counts).tolist()})
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        record = fa.RecordDict({"config": settings, "arrays": fa.ArrayRecord({"theta": fa.Array(theta)})})
+        replies = _exchange(grid, accepted, "train.gradient", lambda n: record, cfg.timeout, result)
+        loss = sum(float(c["metrics"]["loss"]) for c in replies.values())
+        grad = np.sum([c["arrays"]["grad"].numpy() for c in replies.values()], axis=0)
+        W = theta[:dim * n_classes]
+        grad[:dim * n_classes] += cfg.l2 * W
+        return loss + 0.5 * cfg.l2 * float(W @ W), grad.astype(np.float32)
+
+    theta, _ = _lbfgs(objective, np.zeros(dim * n_classes + n_classes, dtype=np.float32), cfg.rounds, 1e-5, 10)
+    coef = np.ascontiguousarray(theta[:dim * n_classes].reshape(dim, n_classes).T)
+    return core.softmax_head(coef, theta[dim * n_classes:], stats.mean, stats.std, l2=cfg.l2)
+
+
+_SOFTMAX = {"fedavg": _fedavg, "lbfgs": _federated_lbfgs}
+
+
+def make_server_app(cfg: FleetConfig | None = None, results: list[FleetResult] | None = None):  # type: ignore[no-untyped-def]
+    """The Flower ``ServerApp``; settings from ``cfg`` or, when None, from the run config. Each run's
+    :class:`FleetResult` is appended to ``results`` when given."""
+    _flwr()
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        settings = cfg if cfg is not None else FleetConfig.from_run_config(dict(context.run_config))
+        result = run_server(grid, settings)
+        if results is not None:
+            results.append(result)
+
+    return app
+
+
+def simulate(bundles: Sequence[str | os.PathLike[str]], cfg: FleetConfig, cpus: int | None = None) -> FleetResult:
+    """Run a fleet on one machine in Flower's simulation engine (Ray): one SuperNode per bundle."""
+    _flwr()
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError as exc:
+        from edgetl.errors import RuntimeMissingError
+
+        raise RuntimeMissingError("Flower's simulation engine needs Ray; install: pip install 'edgetl[fleet]'") from exc
+    results: list[FleetResult] = []
+    cpus = cpus or min(len(bundles), os.cpu_count() or 1)
+    run_simulation(server_app=make_server_app(cfg, results), client_app=make_client_app(bundles),
+                   num_supernodes=len(bundles),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                                                 "log_to_driver": False}})
+    if not results:
+        raise EdgeTLError("the Flower simulation ended without a result; run with -v to see Flower's log")
+    return results[0]
+
+
+def read_result(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """``fleet.json`` written by a server run."""
+    path = Path(out) / "fleet.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is missing or unreadable ({exc}); run `edgetl fleet server` first") from exc
+
+
+client_app: Any = None
+server_app: Any = None
+try:  # the module imports without Flower (the CLI explains what to install); the apps need it
+    import flwr as _flwr_probe  # noqa: F401
+
+    client_app = make_client_app()
+    server_app = make_server_app()
+except ImportError:
+    pass
