@@ -21,7 +21,10 @@ def test_blocking_works() -> None:
 def test_device_modules_import_without_torch() -> None:
     result = run_blocked(
         "import edgetl, edgetl.device, edgetl.heads, edgetl.bundle, edgetl.store, edgetl.runtime.onnx, "
-        "edgetl.cli, edgetl.profiles, edgetl.registry\n"
+        "edgetl.cli, edgetl.profiles, edgetl.registry, edgetl.text, edgetl.modality, edgetl.runtime.onnx_text, "
+        "edgetl.datasets.rotten_tomatoes\n"
+        "import edgetl.watch, edgetl.stream, edgetl.kit, edgetl.cli.field, edgetl.cli.kit\n"
+        "import edgetl.fleet, edgetl.fleet.core, edgetl.fleet.app, edgetl.cli.fleet\n"
         "from edgetl import DeviceRuntime\n"
         "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n")
     assert result.returncode == 0, result.stderr

