@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from struct import error as struct_error
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,24 +67,29 @@ def scan_image_folder(root: str | os.PathLike[str], min_classes: int = 2) -> Ima
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    return scan_class_folders(root, min_classes, _is_image, "images", f"{root}/<class>/<image>.png|jpg|bmp|tif",
+                              "data folder")
+
+
+def scan_class_folders(root: Path, min_classes: int, is_item: Callable[[Path], bool], noun: str, expected: str,
+                       what: str) -> ImageFolder:
+    """One class per sub-folder of ``root`` (hidden and ``_``-prefixed ones skipped), its items (``is_item``) found
+    recursively. Raises :class:`DataError` naming ``what`` and the ``noun`` for an empty tree or too few classes."""
     classes: list[str] = []
     samples: list[Sample] = []
-    for class_dir in class_dirs:
-        files = list_images(class_dir)
-        if not files:
-            continue
-        label = len(classes)
-        classes.append(class_dir.name)
-        samples.extend(Sample(p, label) for p in files)
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        files = sorted(p for p in class_dir.rglob("*") if is_item(p))
+        if files:
+            classes.append(class_dir.name)
+            samples.extend(Sample(p, len(classes) - 1) for p in files)
     if not samples:
-        loose = [p.name for p in root.iterdir() if _is_image(p)][:3]
-        hint = (f"; found loose images ({', '.join(loose)}) — move them into one sub-folder per class" if loose
-                else f"; expected {root}/<class>/<image>.png|jpg|bmp|tif")
-        raise DataError(f"data folder {root} holds no images{hint}")
+        loose = [p.name for p in root.iterdir() if is_item(p)][:3]
+        hint = (f"; found loose {noun} ({', '.join(loose)}) — move them into one sub-folder per class" if loose
+                else f"; expected {expected}")
+        raise DataError(f"{what} {root} holds no {noun}{hint}")
     if len(classes) < min_classes:
-        raise DataError(f"data folder {root} has {len(classes)} class ({', '.join(classes)}); a classifier needs at "
-                        f"least {min_classes} classes — add a sub-folder of images for each other class")
+        raise DataError(f"{what} {root} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
+                        f"{min_classes} classes — add a sub-folder of {noun} for each other class")
     return ImageFolder(root, tuple(classes), tuple(samples))
 
 

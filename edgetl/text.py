@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgetl.data import ImageFolder, Sample
+from edgetl.data import ImageFolder, Sample, scan_class_folders
 from edgetl.errors import DataError, RuntimeMissingError
 
 TEXT_SUFFIXES = frozenset({".txt"})
@@ -161,22 +161,9 @@ def scan_text_data(root: str | os.PathLike[str] | ImageFolder, min_classes: int 
     if not root.is_dir():
         raise DataError(f"text data {root} does not exist; pass a folder with one sub-folder of .txt files per class, "
                         "or a CSV file with 'text,label' columns")
-    classes: list[str] = []
-    samples: list[Sample] = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        files = sorted(p for p in class_dir.rglob("*") if _is_text(p))
-        if files:
-            classes.append(class_dir.name)
-            samples.extend(Sample(p, len(classes) - 1) for p in files)
-    if not samples:
-        loose = [p.name for p in root.iterdir() if _is_text(p)][:3]
-        hint = (f"; found loose documents ({', '.join(loose)}) — move them into one sub-folder per class" if loose
-                else f"; expected {root}/<class>/<document>.txt, or a CSV file with 'text,label' columns")
-        raise DataError(f"text data folder {root} holds no .txt documents{hint}")
-    if len(classes) < min_classes:
-        raise DataError(f"text data folder {root} has {len(classes)} class ({', '.join(classes)}); a classifier needs "
-                        f"at least {min_classes} classes — add a sub-folder of .txt documents for each other class")
-    return ImageFolder(root, tuple(classes), tuple(samples))
+    return scan_class_folders(root, min_classes, _is_text, "documents",
+                              f"{root}/<class>/<document>.txt, or a CSV file with 'text,label' columns",
+                              "text data folder")
 
 
 # ----------------------------------------------------------------------------------------------------- tokenizing

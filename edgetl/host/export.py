@@ -302,13 +302,8 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
                     continue
             entries.append(entry)
         progress("export", len(targets), len(targets))
-    if failures and not keep_failed:
-        shutil.rmtree(staging, ignore_errors=True)
-        worst = ", ".join(f"{e['format']}/{e['precision']} {e['report']['reason']}" for e in failures)
-        raise QuantizationAccuracyError(f"export refused: {worst}; raise --max-drop, give more --calib images, or "
-                                        "pass --keep-failed to keep them marked failed",
-                                        [e["report"] | {"format": e["format"], "precision": e["precision"]}
-                                         for e in failures])
+    if not keep_failed:
+        refuse_failed(failures, staging, "images")
     np.savez(staging / "golden.npz", **golden)
     np.savez(staging / "reference.npz", **reference)
 
@@ -335,15 +330,32 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
         manifest["head"] = {"file": "head.npz", "kind": head.kind, "source": "finetuned classifier"}
     if groups is not None:
         manifest["feature_groups"] = groups
+    place_bundle(staging, out, manifest)
+    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"{f}/{p}" for f, p in targets))
+    return out
+
+
+def refuse_failed(failures: list[dict[str, Any]], staging: Path, items: str) -> None:
+    """Graphs failed the accuracy gate: remove the staging folder and raise :class:`QuantizationAccuracyError`."""
+    if not failures:
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+    worst = ", ".join(f"{e['format']}/{e['precision']} {e['report']['reason']}" for e in failures)
+    raise QuantizationAccuracyError(f"export refused: {worst}; raise --max-drop, give more --calib {items}, or pass "
+                                    "--keep-failed to keep them marked failed",
+                                    [e["report"] | {"format": e["format"], "precision": e["precision"]}
+                                     for e in failures])
+
+
+def place_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Record every staged file's sha256 in the manifest, check the bundle as the device will, and move it to ``out``
+    (replacing what was there)."""
     manifest["files"] = {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     Bundle.load(staging)  # the bundle we ship must pass the device's own checks
-
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
-    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"{f}/{p}" for f, p in targets))
-    return out
 
 
 def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _Gate, max_drop: float

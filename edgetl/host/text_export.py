@@ -9,7 +9,6 @@ the device's embedding store handle text exactly like images.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,16 +23,18 @@ import numpy as np
 import torch
 
 from edgetl import __version__
-from edgetl.bundle import MANIFEST, SCHEMA_VERSION, Bundle, file_entry
+from edgetl.bundle import SCHEMA_VERSION
 from edgetl.data import ImageFolder, stratified_split
 from edgetl.errors import BundleError, DataError, RegistryError
 from edgetl.host.export import (
     FP32_TOLERANCE,
     GOLDEN_COUNT,
     GOLDEN_TOLERANCE,
+    REFERENCE_COUNT,
     Progress,
-    QuantizationAccuracyError,
     _Gate,
+    place_bundle,
+    refuse_failed,
 )
 from edgetl.registry import BackboneSpec, TextPreprocessing, get_backbone, resolve_weights
 from edgetl.runtime import load_extractor
@@ -43,8 +44,6 @@ from edgetl.text import load_tokenizer, read_text, scan_text_data, tokenize
 log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "embeddings"
-#: held-out embeddings kept in the bundle per extractor (as the image export does, for the device's domain check)
-REFERENCE_COUNT = 256
 #: (precision) → bundle file name; text graphs are ONNX only (the device side runs them with ONNX Runtime)
 TEXT_FILES = {"fp32": "extractor.onnx", "int8": "extractor.int8.onnx"}
 
@@ -240,13 +239,8 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
                     continue
             entries.append(entry)
         progress("export", len(targets), len(targets))
-    if failures and not keep_failed:
-        shutil.rmtree(staging, ignore_errors=True)
-        worst = ", ".join(f"onnx/{e['precision']} {e['report']['reason']}" for e in failures)
-        raise QuantizationAccuracyError(f"export refused: {worst}; raise --max-drop, give more --calib documents, or "
-                                        "pass --keep-failed to keep them marked failed",
-                                        [e["report"] | {"format": "onnx", "precision": e["precision"]}
-                                         for e in failures])
+    if not keep_failed:
+        refuse_failed(failures, staging, "documents")
     np.savez(staging / "golden.npz", **golden)
     np.savez(staging / "reference.npz", **reference)
     shutil.copyfile(tokenizer_file, staging / pp.tokenizer)
@@ -265,13 +259,7 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
                                 "max_drop_points": max_drop},
         "labels": None, "head": None,
     }
-    manifest["files"] = {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file()}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    Bundle.load(staging)  # the bundle we ship must pass the device's own checks
-
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    place_bundle(staging, out, manifest)
     log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"onnx/{p}" for p in targets))
     return out
 
