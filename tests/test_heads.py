@@ -91,3 +91,21 @@ def test_imprint_partial_fit_is_exact() -> None:
     whole = make_head("imprint", scale=10.0).fit(X, y)
     parts = make_head("imprint", scale=10.0).fit(X[::2], y[::2]).partial_fit(X[1::2], y[1::2])
     np.testing.assert_allclose(parts.prototypes(), whole.prototypes(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ncm", "imprint"])
+def test_prototype_scale_minimises_training_nll(kind: str) -> None:
+    from edgetl.heads.base import softmax
+
+    X, y = clusters(classes=5, seed=2)
+    X = X + np.random.default_rng(4).normal(0, 10, X.shape).astype(np.float32)  # overlapping: a finite best scale
+    head = make_head(kind).fit(X, y)
+
+    def nll(s: float) -> float:
+        p = softmax(head._cosines(X) * s)
+        return float(-np.log(p[np.arange(len(y)), y]).mean())
+
+    grid = np.geomspace(1.0, 100.0, 400)
+    best = grid[np.argmin([nll(s) for s in grid])]
+    assert 1.0 < best < 100.0
+    assert abs(np.log(float(head.scale_) / best)) < 0.02

@@ -69,3 +69,56 @@ def test_drift_photos_vs_same_domain(bundle: Path, demo_train: Path, demo_test: 
     assert json.loads(res.stdout)["drifted"] is True
     same = DeviceRuntime(bundle).drift(demo_test)
     assert same["drifted"] is False and same["n"] == 100
+
+
+def _anisotropic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes on the unit sphere's neighbourhood in 64-d, spread along a few directions only."""
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(0)
+    means = base.normal(0, 1, (3, 64)) + 8 * np.eye(64)[0]  # all classes share a dominant direction
+    spread = base.normal(0, 1, (4, 64))  # the within-class variation lives in a 4-d subspace
+    X = np.concatenate([m + rng.normal(0, 1.5, (n, 4)) @ spread + rng.normal(0, 0.05, (n, 64)) for m in means])
+    return X.astype(np.float32), np.repeat(np.arange(3), n)
+
+
+def test_mahalanobis_flags_a_class_off_the_known_spread() -> None:
+    X, y = _anisotropic(200, 1)
+    held, _ = _anisotropic(100, 2)
+    model = Novelty.fit(X, y, held)
+    rng = np.random.default_rng(3)
+    # an unseen class: as close to a known mean as the known samples are, but off their spread
+    base = np.random.default_rng(0)
+    mean = base.normal(0, 1, (3, 64))[0] + 8 * np.eye(64)[0]
+    unseen = (mean + rng.normal(0, 0.25, (200, 64))).astype(np.float32)
+    assert model.kind == "mahalanobis"
+    assert (model.score(unseen) > model.threshold).mean() > 0.9
+    assert abs((model.score(held) > model.threshold).mean() - 0.05) < 0.03
+
+
+def test_threshold_without_held_out_data_is_cross_fitted() -> None:
+    X, y = _anisotropic(150, 4)
+    held, _ = _anisotropic(150, 5)
+    for model in (Novelty.fit(X, y, X), Novelty.fit(X, y, np.empty((0, 64), np.float32))):
+        rate = (model.score(held) > model.threshold).mean()  # in-sample scores would flag far more than 5 %
+        assert rate < 0.15, rate
+
+
+def test_save_load_roundtrip_and_legacy_cosine_file(tmp_path: Path) -> None:
+    X, y = _anisotropic(50, 6)
+    model = Novelty.fit(X, y, X[::3])
+    model.save(tmp_path / "n.npz")
+    again = Novelty.load(tmp_path / "n.npz")
+    np.testing.assert_array_equal(again.score(X), model.score(X))
+    assert again.threshold == pytest.approx(model.threshold)
+    # a file written by the earlier cosine-to-centred-class-mean score still loads and scores the same way
+    centre = X.mean(axis=0)
+    protos = np.stack([X[y == c].mean(axis=0) - centre for c in range(3)])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    np.savez(tmp_path / "old.npz", centre=centre, prototypes=protos, threshold=np.float32(0.3))
+    old = Novelty.load(tmp_path / "old.npz")
+    assert old.kind == "cosine" and old.threshold == pytest.approx(0.3)
+    Zc = (X - centre) / np.linalg.norm(X - centre, axis=1, keepdims=True)
+    np.testing.assert_allclose(old.score(X), 1 - (Zc @ protos.T).max(axis=1), atol=1e-5)
+    np.savez(tmp_path / "bad.npz", kind=np.array("mahalanobis"), threshold=np.float32(1.0), means=X[:3])
+    with pytest.raises(KeyError):
+        Novelty.load(tmp_path / "bad.npz")

@@ -17,6 +17,14 @@ def _normalise(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def _centred_unit(X: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``normalise(X - centre)`` in float32 with one temporary (the fit's hot path)."""
+    Z = np.subtract(X, centre, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", Z, Z))
+    Z *= (1.0 / np.maximum(norms, 1e-12))[:, None]
+    return Z
+
+
 def _two_classes(y: np.ndarray) -> None:
     if len(np.unique(y)) < 2:
         raise DataError("a head needs samples of at least two classes; found one")
@@ -40,8 +48,8 @@ class _Prototypes(Head):
         n_classes = int(y.max()) + 1
         self.sums_ = np.zeros((n_classes, X.shape[1]), dtype=np.float64)
         self.counts_ = np.zeros(n_classes, dtype=np.int64)
-        self._accumulate(X, y)
-        self.scale_ = np.float32(self.scale if self.scale is not None else self._fit_scale(X, y))
+        Z = self._accumulate(X, y)
+        self.scale_ = np.float32(self.scale if self.scale is not None else self._fit_scale(Z, y))
         return self
 
     def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> _Prototypes:
@@ -57,10 +65,14 @@ class _Prototypes(Head):
         self._accumulate(X, y)
         return self
 
-    def _accumulate(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _accumulate(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Add the samples' centred, normalised features to the per-class sums (float64); returns those features."""
         check_features(X, self.sums_.shape[1])
-        np.add.at(self.sums_, y, _normalise(X - self.centre_).astype(np.float64))
-        np.add.at(self.counts_, y, 1)
+        Z = _centred_unit(X, self.centre_)
+        for c in np.unique(y):
+            self.sums_[c] += Z[y == c].sum(axis=0, dtype=np.float64)
+        self.counts_ += np.bincount(y, minlength=len(self.counts_))
+        return Z
 
     def prototypes(self) -> np.ndarray:
         """Normalised class means ``(C, D)`` (zero rows for classes without samples)."""
@@ -78,16 +90,27 @@ class _Prototypes(Head):
     def decision_function(self, X: npt.ArrayLike) -> FloatArray:
         return (self._cosines(X) * self.scale_).astype(np.float32)
 
-    def _fit_scale(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Softmax temperature of the cosine scores: the scale in [1, 100] (log grid) of lowest training NLL."""
-        cos = _normalise(X - self.centre_) @ self.prototypes().T
-        best, best_nll = 10.0, np.inf
-        for s in np.geomspace(1.0, 100.0, 25):
-            p = softmax(cos * s)
-            nll = float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean())
-            if nll < best_nll:
-                best, best_nll = float(s), nll
-        return best
+    def _fit_scale(self, Z: np.ndarray, y: np.ndarray) -> float:
+        """Softmax scale of the cosine scores: the ``s`` in [1, 100] of lowest training NLL. The NLL is convex in
+        ``s`` (a log-sum-exp of functions linear in ``s``), so a safeguarded 1-D Newton iteration finds it."""
+        cos = (Z @ self.prototypes().T).astype(np.float64)
+        true = cos[np.arange(len(y)), y]
+        lo, hi, s = 1.0, 100.0, 10.0
+        for _ in range(30):
+            p = softmax(cos * s).astype(np.float64)
+            expected = (p * cos).sum(axis=1)
+            grad = float((expected - true).mean())
+            curv = float(((p * cos * cos).sum(axis=1) - expected ** 2).mean())
+            if grad > 0:
+                hi = s
+            else:
+                lo = s
+            step = s - grad / curv if curv > 1e-12 else np.nan
+            s_new = step if lo < step < hi else np.sqrt(lo * hi)  # bisect (geometrically) when Newton leaves the bracket
+            if abs(s_new - s) <= 1e-3 * s or hi - lo <= 1e-3 * lo:
+                return float(np.clip(s_new, 1.0, 100.0))
+            s = s_new
+        return float(np.clip(s, 1.0, 100.0))
 
 
 class NCMHead(_Prototypes):
