@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -80,7 +81,9 @@ def _simulate(fleet: dict, head: str, out: Path, **kw: object):  # type: ignore[
 
 
 def test_federated_ncm_equals_central_and_devices_adopt_it(fleet: dict, tmp_path: Path) -> None:
+    pythonpath = os.environ.get("PYTHONPATH")
     result = _simulate(fleet, "ncm", tmp_path / "out", adopt=True)
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Ray's PYTHONPATH must not leak into later subprocesses
     assert len(result.accepted) == 4
     assert len(result.rejected) == 1 and "differs from the fleet's" in next(iter(result.rejected.values()))
     assert result.classes == fleet["union"]  # label-space union: no device knows all ten classes

@@ -414,7 +414,7 @@ def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accept
     """The L-BFGS of :class:`~edgetl.heads.SoftmaxHead` (same start, tolerance, memory) on the global objective,
     each evaluation one Flower round in which every device returns its term's loss and gradient (exact sums)."""
     fa = _flwr()
-    from edgetl.heads.softmax import _lbfgs
+    from edgetl.heads.softmax import SoftmaxHead, _lbfgs
 
     n_classes, dim = len(stats.classes), len(stats.mean)
     settings = fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256, "classes": stats.classes,
@@ -430,7 +430,9 @@ def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accept
         grad[:dim * n_classes] += cfg.l2 * W
         return loss + 0.5 * cfg.l2 * float(W @ W), grad.astype(np.float32)
 
-    theta, _ = _lbfgs(objective, np.zeros(dim * n_classes + n_classes, dtype=np.float32), cfg.rounds, 1e-5, 10)
+    solver = SoftmaxHead()  # the central head's own tolerance and memory
+    theta, _ = _lbfgs(objective, np.zeros(dim * n_classes + n_classes, dtype=np.float32), cfg.rounds, solver.tol,
+                      solver.memory)
     coef = np.ascontiguousarray(theta[:dim * n_classes].reshape(dim, n_classes).T)
     return core.softmax_head(coef, theta[dim * n_classes:], stats.mean, stats.std, l2=cfg.l2)
 
@@ -467,11 +469,18 @@ def simulate(bundles: Sequence[str | os.PathLike[str]], cfg: FleetConfig, cpus: 
         raise RuntimeMissingError("Flower's simulation engine needs Ray; install: pip install 'edgetl[fleet]'") from exc
     results: list[FleetResult] = []
     cpus = cpus or min(len(bundles), os.cpu_count() or 1)
-    run_simulation(server_app=make_server_app(cfg, results), client_app=make_client_app(bundles),
-                   num_supernodes=len(bundles),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                                                 "log_to_driver": False}})
+    environ = dict(os.environ)
+    try:
+        run_simulation(server_app=make_server_app(cfg, results), client_app=make_client_app(bundles),
+                       num_supernodes=len(bundles),
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                                                     "log_to_driver": False}})
+    finally:
+        # Ray leaves PYTHONPATH (this process's sys.path), PYTHONBREAKPOINT and more in os.environ: every later
+        # subprocess of the caller would inherit them (a fresh venv then imported this one's torch)
+        os.environ.clear()
+        os.environ.update(environ)
     if not results:
         raise EdgeTLError("the Flower simulation ended without a result; run with -v to see Flower's log")
     return results[0]
