@@ -47,7 +47,6 @@ def main() -> None:
     train_dir, test_dir = work / "train", work / "test"
     write_image_folder(train_dir, "train", args.per_class, args.seed)
     write_image_folder(test_dir, "test", args.per_class, args.seed)
-    val_images = scan_image_folder(train_dir).paths[::25]
     results: dict[str, object] = {"split": {"train": 10 * args.per_class, "test": 10 * args.per_class,
                                             "source": "official Fashion-MNIST train / test splits", "seed": args.seed},
                                   "machine": {"cpu": platform.processor() or platform.machine()}, "rows": []}
@@ -72,14 +71,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     for model in ("mobilenet_v2", "efficientnet_lite0"):
-        bundle = export(work / f"{model}.bundle", val_images, model=model)
+        bundle = export(work / f"{model}.bundle", train_dir, model=model)
         device_row(f"{model} (ImageNet, frozen)", bundle, {})
 
     for model in ("mobilenet_v2",):
         run = work / f"{model}.run"
         cfg = FinetuneConfig(model=model, epochs=args.finetune_epochs, freeze="partial", seed=args.seed)
         metrics = finetune(train_dir, run, cfg)
-        bundle = export(work / f"{model}.ft.bundle", val_images, run=run)
+        bundle = export(work / f"{model}.ft.bundle", train_dir, run=run)
         # the fine-tuned classifier itself (the bundle's initial head) on the test split
         ft = DeviceRuntime(bundle).evaluate(test_dir)
         rows.append({"extractor": f"{model} fine-tuned ({args.finetune_epochs} epochs, freeze=partial)",

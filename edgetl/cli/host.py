@@ -17,7 +17,8 @@ from edgetl.cli._progress import progress_bars
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--freeze", type=click.Choice(["head", "partial", "none"]), default="head", show_default=True,
               help="head: train the classifier only; partial: also the last blocks; none: everything "
-                   "(backbone at a hundredth of --lr, classifier started from the linear probe).")
+                   "(backbone at a tenth of --lr for partial, a hundredth for none; the classifier starts from the "
+                   "linear probe).")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Classifier learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (default: the registry's).")
