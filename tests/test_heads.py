@@ -109,3 +109,33 @@ def test_prototype_scale_minimises_training_nll(kind: str) -> None:
     best = grid[np.argmin([nll(s) for s in grid])]
     assert 1.0 < best < 100.0
     assert abs(np.log(float(head.scale_) / best)) < 0.02
+
+
+def test_imprint_refinement_lowers_the_loss_and_keeps_untouched_classes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Imprinting then a few softmax steps (Qi et al. 2018): better on overlapping classes; old files still load."""
+    from edgetl.heads import ImprintHead, load_head
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 16))
+    y = rng.integers(0, 4, 600)
+    X = centres[y] + 1.2 * rng.standard_normal((600, 16))  # overlapping clusters: class means are not optimal
+    Xt, yt = X[400:], y[400:]
+    plain = ImprintHead().fit(X[:400], y[:400])
+    refined = ImprintHead(refine_steps=30).fit(X[:400], y[:400])
+    assert (refined.predict(Xt) == yt).mean() >= (plain.predict(Xt) == yt).mean()
+    np.testing.assert_allclose(np.linalg.norm(refined.weights_, axis=1), 1.0, rtol=1e-5)
+
+    def nll(head: ImprintHead) -> float:
+        return float(-np.log(head.predict_proba(X[:400])[np.arange(400), y[:400]]).mean())
+
+    assert nll(refined) < nll(plain)
+    before = refined.weights_.copy()
+    refined.partial_fit(X[400:450][y[400:450] == 2], np.full(int((y[400:450] == 2).sum()), 2))
+    np.testing.assert_array_equal(refined.weights_[[0, 1, 3]], before[[0, 1, 3]])  # untouched classes keep theirs
+    # a head file from before refinement existed (no weights_ array) loads and predicts as imprinting did
+    path = tmp_path / "old.npz"
+    plain.save(path)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "weights_"}
+    np.savez(path, **arrays)
+    np.testing.assert_allclose(load_head(path).decision_function(Xt), plain.decision_function(Xt), rtol=1e-5)

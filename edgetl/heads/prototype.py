@@ -79,11 +79,15 @@ class _Prototypes(Head):
         means = self.sums_ / np.maximum(self.counts_, 1)[:, None]
         return _normalise(means).astype(np.float32)
 
+    def weights(self) -> np.ndarray:
+        """The cosine classifier's unit weight rows ``(C, D)``: the class means here."""
+        return self.prototypes()
+
     def _cosines(self, X: npt.ArrayLike) -> np.ndarray:
         self._check_fitted()
         X, _ = check_Xy(X)
         check_features(X, self.sums_.shape[1])
-        scores = _normalise(X - self.centre_) @ self.prototypes().T
+        scores = _normalise(X - self.centre_) @ self.weights().T
         scores[:, self.counts_ == 0] = -1e9  # classes without samples are never predicted
         return scores
 
@@ -122,10 +126,76 @@ class NCMHead(_Prototypes):
 
 class ImprintHead(_Prototypes):
     """Weight imprinting: normalised class means of the (uncentred) normalised embeddings are the weights of a cosine
-    classifier whose scale is fitted on the training data (or fixed with ``scale``)."""
+    classifier whose scale is fitted on the training data (or fixed with ``scale``).
+
+    ``refine_steps`` > 0 then refines the imprinted weights (Qi et al., CVPR 2018: imprinting, then fine-tuning): that
+    many full-batch gradient steps (halved whenever the loss would rise) of the class-balanced softmax cross-entropy of
+    ``scale · cos(x, w_c)``, each weight row renormalised after every step. ``partial_fit`` re-imprints the classes it touches and keeps the others' weights.
+    """
 
     kind: ClassVar[str] = "imprint"
     center = False
+    _arrays: ClassVar[tuple[str, ...]] = (*_Prototypes._arrays, "weights_")
+
+    def __init__(self, scale: float | None = None, refine_steps: int = 0, learning_rate: float = 10.0, seed: int = 0):
+        super().__init__(scale, seed)
+        self.refine_steps = refine_steps
+        self.learning_rate = learning_rate
+
+    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> ImprintHead:
+        self.__dict__.pop("weights_", None)  # imprint afresh
+        super().fit(X, y)
+        self.weights_ = self.prototypes()
+        if self.refine_steps > 0:
+            X, y = check_Xy(X, y)
+            assert y is not None
+            self._refine(_centred_unit(X, self.centre_), y)
+        return self
+
+    def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> ImprintHead:
+        if not hasattr(self, "weights_"):
+            return self.fit(X, y)
+        super().partial_fit(X, y)
+        fresh = self.prototypes()
+        fresh[:len(self.weights_)] = self.weights_
+        touched = np.unique(np.asarray(y))
+        fresh[touched] = self.prototypes()[touched]
+        self.weights_ = fresh
+        return self
+
+    def weights(self) -> np.ndarray:
+        return self.weights_ if hasattr(self, "weights_") else self.prototypes()
+
+    def _refine(self, Z: np.ndarray, y: np.ndarray) -> None:
+        scale = float(self.scale_)
+        counts = np.bincount(y, minlength=len(self.weights_)).astype(np.float64)
+        sample_w = (1.0 / np.maximum(counts, 1))[y] / (counts > 0).sum()  # each present class weighs the same
+        onehot = np.eye(len(counts))[y]
+
+        def loss_grad(W: np.ndarray) -> tuple[float, np.ndarray]:
+            p = softmax(scale * (Z @ W.T)).astype(np.float64)
+            loss = -float(sample_w @ np.log(np.maximum((p * onehot).sum(axis=1), 1e-12)))
+            return loss, ((p - onehot) * sample_w[:, None]).T @ Z  # gradient per unit of scale
+
+        W = self.weights_.astype(np.float64)
+        lr = self.learning_rate
+        loss, grad = loss_grad(W)
+        for _ in range(self.refine_steps):
+            trial = _normalise(W - lr * grad)
+            trial_loss, trial_grad = loss_grad(trial)
+            if trial_loss < loss:
+                W, loss, grad = trial, trial_loss, trial_grad
+            else:  # overshoot: keep the weights, halve the step
+                lr /= 2
+        W[counts == 0] = 0.0  # classes without samples stay unpredictable
+        self.weights_ = W.astype(np.float32)
+
+    @classmethod
+    def _from_arrays(cls, params: dict[str, object], arrays: dict[str, np.ndarray]) -> Head:
+        if "weights_" not in arrays and "sums_" in arrays and "counts_" in arrays:  # written before refinement
+            means = arrays["sums_"] / np.maximum(arrays["counts_"], 1)[:, None]
+            arrays = arrays | {"weights_": _normalise(means).astype(np.float32)}
+        return super()._from_arrays(params, arrays)
 
 
 class KNNHead(Head):
