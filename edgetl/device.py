@@ -372,7 +372,8 @@ class DeviceRuntime:
                 raise DataError(f"cannot rename {old!r} to {new!r}; classes: {', '.join(classes)}")
             meta = self.state.meta(version)
             classes = [new if c == old else c for c in classes]
-            kept = {k: meta.get(k) for k in ("metrics", "extractor_sha256", "extractor", "temperature", "retention")}
+            kept = {k: meta.get(k) for k in ("metrics", "extractor_sha256", "extractor", "temperature", "retention",
+                                             "head_params")}
             if kept["retention"]:
                 kept["retention"] = {**kept["retention"], "seen": {new if c == old else c: n for c, n in
                                                                    kept["retention"]["seen"].items()}}
