@@ -23,9 +23,8 @@ from edgetl.data import ImageFolder, batches, stratified_split
 from edgetl.domain import DomainReference
 from edgetl.errors import BundleError, DataError, NotFittedError, StateError
 from edgetl.heads import Head, load_head, make_head
-from edgetl.heads.base import softmax
 from edgetl.modality import Loader, make_loader
-from edgetl.novelty import Novelty, fit_temperature
+from edgetl.novelty import Novelty, calibrated_proba, fit_temperature
 from edgetl.preprocess import preprocess_image
 from edgetl.registry import sha256_file
 from edgetl.report import classification_metrics
@@ -381,7 +380,7 @@ class DeviceRuntime:
                                                              "reason": f"renamed {old} to {new}"},
                                                train_keys=self.state.train_keys(version),
                                                train_labels=self.state.train_labels(version),
-                                               novelty=self._novelty(version))
+                                               novelty=self.novelty_model(version))
             self.state.set_current(renamed)
             self.state.log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
         return renamed
@@ -534,8 +533,8 @@ class DeviceRuntime:
         X = self.embed_items(list(paths))
         meta = self.state.meta(version) if version != BUNDLE_HEAD else {}
         temperature = meta.get("temperature")
-        proba = softmax(head.decision_function(X) / temperature) if temperature else head.predict_proba(X)
-        novelty = self._novelty(version)
+        proba = calibrated_proba(head, X, temperature)
+        novelty = self.novelty_model(version)
         scores = novelty.score(X) if novelty is not None else None
         k = max(1, min(top_k, len(labels)))
         results = []
@@ -549,7 +548,8 @@ class DeviceRuntime:
             results.append(result)
         return results
 
-    def _novelty(self, version: str) -> Novelty | None:
+    def novelty_model(self, version: str) -> Novelty | None:
+        """The novelty model head ``version`` was trained with (None for the bundle's head or without one)."""
         path = self.state.heads / version / "novelty.npz"
         if version == BUNDLE_HEAD or not path.is_file():
             return None
@@ -561,7 +561,7 @@ class DeviceRuntime:
     def drift(self, data: str | os.PathLike[str], progress: Progress = _no_progress) -> dict[str, Any]:
         """Compare a folder of images (any layout) with what the current head was trained on."""
         version = self.current_version()
-        novelty = self._novelty(version) if version else None
+        novelty = self.novelty_model(version) if version else None
         if novelty is None:
             raise NotFittedError("drift needs a head trained on this device (it compares with its training data); "
                                  f"run `edgetl device train {self.bundle.path} --data DIR`")

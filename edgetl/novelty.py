@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import os
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -28,6 +28,12 @@ QUANTILE = 0.95
 SHRINK = 0.1
 #: eigen-directions of the covariance kept explicitly; the rest share one (mean) variance
 RANK = 128
+
+
+def calibrated_proba(head: Any, X: np.ndarray, temperature: float | None) -> np.ndarray:
+    """Class probabilities ``(N, C)`` of ``head`` on embeddings ``X``: ``softmax(logits / T)`` with the head's fitted
+    temperature, the head's own probabilities when it has none."""
+    return softmax(head.decision_function(X) / temperature) if temperature else head.predict_proba(X)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

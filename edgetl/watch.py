@@ -41,8 +41,7 @@ import numpy as np
 from edgetl._atomic import atomic_write_json
 from edgetl.data import IMAGE_SUFFIXES, load_image, scan_image_folder
 from edgetl.errors import DataError, EdgeTLError, NotFittedError, StateError
-from edgetl.heads.base import softmax
-from edgetl.novelty import Novelty
+from edgetl.novelty import calibrated_proba
 from edgetl.state import BUNDLE_HEAD
 
 if TYPE_CHECKING:
@@ -87,12 +86,7 @@ class LiveHead:
         if version != self.version:
             head, labels, version = self.runtime.load_current_head()
             meta = self.runtime.state.meta(version) if version != BUNDLE_HEAD else {}
-            novelty_file = self.runtime.state.heads / version / "novelty.npz"
-            try:
-                novelty = Novelty.load(novelty_file) if version != BUNDLE_HEAD and novelty_file.is_file() else None
-            except (OSError, ValueError, KeyError) as exc:
-                raise StateError(f"{novelty_file} is unreadable ({exc}); roll back or retrain") from exc
-            self._head, self._labels, self._novelty = head, list(labels), novelty
+            self._head, self._labels, self._novelty = head, list(labels), self.runtime.novelty_model(version)
             self._temperature = meta.get("temperature")
             self.version = version
             self._recent.clear()  # drift is measured against the head in use
@@ -107,7 +101,7 @@ class LiveHead:
         if not len(X):
             return []
         t = self._temperature
-        proba = softmax(self._head.decision_function(X) / t) if t else self._head.predict_proba(X)
+        proba = calibrated_proba(self._head, X, t)
         scores = self._novelty.score(X) if self._novelty is not None else None
         best = proba.argmax(axis=1)
         rows = []

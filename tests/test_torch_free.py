@@ -22,7 +22,7 @@ def test_device_modules_import_without_torch() -> None:
     result = run_blocked(
         "import edgetl, edgetl.device, edgetl.heads, edgetl.bundle, edgetl.store, edgetl.runtime.onnx, "
         "edgetl.cli, edgetl.profiles, edgetl.registry, edgetl.text, edgetl.modality, edgetl.runtime.onnx_text, "
-        "edgetl.datasets.rotten_tomatoes\n"
+        "edgetl.datasets.rotten_tomatoes, edgetl.domain, edgetl.report, edgetl.novelty, edgetl.heads.depth\n"
         "import edgetl.watch, edgetl.stream, edgetl.kit, edgetl.cli.field, edgetl.cli.kit\n"
         "import edgetl.fleet, edgetl.fleet.core, edgetl.fleet.app, edgetl.cli.fleet\n"
         "from edgetl import DeviceRuntime\n"

@@ -131,10 +131,17 @@ def _bundle_sha256(bundle: str) -> str:
 _LOCAL: dict[tuple[str, str | None], core.LocalData] = {}
 
 
-def _runtime(bundle: str):  # type: ignore[no-untyped-def]
-    from edgetl.device import DeviceRuntime
+_RUNTIMES: dict[str, Any] = {}
 
-    return DeviceRuntime(bundle)
+
+def _runtime(bundle: str):  # type: ignore[no-untyped-def]
+    """The device's runtime, opened (and its bundle verified) once per process, not on every Flower message; it
+    reads the head state afresh on each call."""
+    if bundle not in _RUNTIMES:
+        from edgetl.device import DeviceRuntime
+
+        _RUNTIMES[bundle] = DeviceRuntime(bundle)
+    return _RUNTIMES[bundle]
 
 
 def local_data(runtime: Any) -> core.LocalData:

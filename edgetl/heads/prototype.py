@@ -50,7 +50,11 @@ class _Prototypes(Head):
         self.counts_ = np.zeros(n_classes, dtype=np.int64)
         Z = self._accumulate(X, y)
         self.scale_ = np.float32(self.scale if self.scale is not None else self._fit_scale(Z, y))
+        self._after_fit(Z, y)
         return self
+
+    def _after_fit(self, Z: np.ndarray, y: np.ndarray) -> None:
+        """Hook for subclasses: the centred, normalised training features and their labels, after the scale fit."""
 
     def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> _Prototypes:
         """Add samples (new classes allowed) without revisiting old ones; the centring mean stays that of ``fit``."""
@@ -142,15 +146,10 @@ class ImprintHead(_Prototypes):
         self.refine_steps = refine_steps
         self.learning_rate = learning_rate
 
-    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> ImprintHead:
-        self.__dict__.pop("weights_", None)  # imprint afresh
-        super().fit(X, y)
+    def _after_fit(self, Z: np.ndarray, y: np.ndarray) -> None:
         self.weights_ = self.prototypes()
         if self.refine_steps > 0:
-            X, y = check_Xy(X, y)
-            assert y is not None
-            self._refine(_centred_unit(X, self.centre_), y)
-        return self
+            self._refine(Z, y)
 
     def partial_fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> ImprintHead:
         if not hasattr(self, "weights_"):
