@@ -31,7 +31,8 @@ from edgetl.report import classification_metrics
 from edgetl.runtime import FeatureExtractor, load_extractor
 from edgetl.selection import choose
 from edgetl.state import BUNDLE_HEAD, DeviceState
-from edgetl.store import EmbeddingStore, reservoir
+from edgetl.store import SUFFIX as STORE_SUFFIX
+from edgetl.store import EmbeddingStore, reservoir, store_path
 
 log = logging.getLogger(__name__)
 
@@ -164,36 +165,58 @@ class DeviceRuntime:
         embeddings, _, cached = self._embed_keyed(paths, cache, progress)
         return embeddings, cached
 
-    def _embed_keyed(self, paths: Sequence[Path], cache: bool = True, progress: Progress = _no_progress
-                     ) -> tuple[npt.NDArray[np.float32], np.ndarray, int]:
-        """(embeddings (N, D), content hashes (N,), number read from the store)."""
-        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) if cache else None
-        keys = [self.loader.key(p) for p in paths]
-        out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
-        todo: list[int] = []
-        for i, key in enumerate(keys):
-            hit = store.get(key) if store is not None else None
-            if hit is None:
-                todo.append(i)
-            else:
-                out[i] = hit
-        cached = len(paths) - len(todo)
-        progress("embed", cached, len(paths))
-        done = cached
-        for chunk in batches(todo, self.batch_size):
-            emb = self.embed_items([paths[i] for i in chunk])
-            for j, i in enumerate(chunk):
-                out[i] = emb[j]
-                if store is not None:
-                    store.put(keys[i], emb[j])
-            done += len(chunk)
-            progress("embed", done, len(paths))
-        if store is not None:
-            try:
-                store.save()
-            except OSError as exc:
-                log.warning("embedding cache not saved (%s); embeddings will be recomputed next time", exc)
+    def _embed_keyed(self, paths: Sequence[Path], cache: bool = True, progress: Progress = _no_progress,
+                     writer: bool = False) -> tuple[npt.NDArray[np.float32], np.ndarray, int]:
+        """(embeddings (N, D), content hashes (N,), number read from the store).
+
+        New embeddings are *added* to the store (one transaction; what other processes added meanwhile is kept), so a
+        read-only command (drift, evaluate) never loses another command's writes. ``writer``: the caller trains a head
+        on these embeddings (and holds the writer lock): a store that cannot be written is an error, since the head's
+        training embeddings must stay retrievable; for a reader it is only a warning (the cache is skipped)."""
+        store = self._open_store(writer) if cache else None
+        try:
+            keys = [self.loader.key(p) for p in paths]
+            out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
+            todo: list[int] = []
+            hits = store.get_many(keys) if store is not None else [None] * len(keys)
+            for i, hit in enumerate(hits):
+                if hit is None or hit.shape != (self.bundle.feature_dim,):
+                    todo.append(i)
+                else:
+                    out[i] = hit
+            del hits
+            cached = len(paths) - len(todo)
+            progress("embed", cached, len(paths))
+            done = cached
+            for chunk in batches(todo, self.batch_size):
+                emb = self.embed_items([paths[i] for i in chunk])
+                for j, i in enumerate(chunk):
+                    out[i] = emb[j]
+                    if store is not None:
+                        store.put(keys[i], emb[j])
+                done += len(chunk)
+                progress("embed", done, len(paths))
+            if store is not None:
+                try:
+                    store.save()
+                except StateError as exc:
+                    if writer:
+                        raise
+                    log.warning("embedding cache not saved (%s); embeddings will be recomputed next time", exc)
+        finally:
+            if store is not None:
+                store.close()
         return out, np.array(keys, dtype="U64"), cached
+
+    def _open_store(self, writer: bool = True) -> EmbeddingStore | None:
+        """This extractor's embedding store; for a reader, None (with a warning) when it cannot be opened."""
+        try:
+            return EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256)
+        except StateError as exc:
+            if writer:
+                raise
+            log.warning("embedding cache unavailable (%s); embedding without it", exc)
+            return None
 
     # ---------------------------------------------------------------------------------------------------- head state
     @property
@@ -280,7 +303,7 @@ class DeviceRuntime:
         if shots is not None:
             folder = _take_shots(folder, shots, seed)
         with self.state.writer(wait):
-            embeddings, keys, cached = self._embed_keyed(folder.paths, progress=progress)
+            embeddings, keys, cached = self._embed_keyed(folder.paths, progress=progress, writer=True)
             data_set = embeddings, keys, folder.labels, list(folder.classes)
             n_old, seen = 0, {}
             if incremental:
@@ -338,7 +361,7 @@ class DeviceRuntime:
             X, keys, y, classes = self._training_set()
             if name in classes:
                 raise DataError(f"class {name!r} exists already; add images with `edgetl device train … --incremental`")
-            emb, new_keys, _ = self._embed_keyed(paths, progress=progress)
+            emb, new_keys, _ = self._embed_keyed(paths, progress=progress, writer=True)
             merged = _merge((X, keys, y, classes), (emb, new_keys, np.zeros(len(paths), np.int64), [name]))
             *merged, retention = _retain(merged, len(merged[0]) - len(emb), *self._budget_state(None), 0)
             kind, params = self._current_head_spec()
@@ -397,9 +420,13 @@ class DeviceRuntime:
         """Embedding files (one per extractor) and the current head's training images per class."""
         folder = self.bundle.state_dir / "store"
         files = []
-        for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-            files.append({"file": path.name, "embeddings": len(EmbeddingStore(folder, path.stem)), "bytes":
-                          path.stat().st_size, "in_use": path.stem == self.extractor_sha256[:16]})
+        in_use = store_path(folder, self.extractor_sha256).name
+        for path in sorted([*folder.glob(f"*{STORE_SUFFIX}"), *folder.glob("*.npz")]) if folder.is_dir() else []:
+            if path.suffix == ".npz" and path.with_suffix(STORE_SUFFIX).exists():
+                continue  # a legacy file that another process is migrating right now
+            with EmbeddingStore(folder, path.stem) as store:  # opening migrates a legacy .npz store
+                files.append({"file": store.path.name, "embeddings": len(store), "bytes": store.file_bytes(),
+                              "in_use": store.path.name == in_use})
         per_class: dict[str, int] = {}
         version = self.current_version()
         if version and version != BUNDLE_HEAD and self.state.train_labels(version) is not None:
@@ -416,12 +443,14 @@ class DeviceRuntime:
         for version in self.state.versions():
             keys = self.state.train_keys(version)
             referenced.update(str(k) for k in (keys if keys is not None else ()))
-        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256)
-        if store.retain(referenced):
-            try:
-                store.save()
-            except OSError as exc:
-                log.warning("embedding store not pruned (%s)", exc)
+        try:
+            with EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) as store:
+                dropped = store.retain(referenced)
+        except StateError as exc:
+            log.warning("embedding store not pruned (%s)", exc)
+            return
+        if dropped:
+            log.info("dropped %d stored embeddings that no head version trained on", dropped)
 
     def _training_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """The current head's training embeddings from the store: (X (N, D), keys, labels, classes)."""
@@ -432,8 +461,8 @@ class DeviceRuntime:
         keys, labels = self.state.train_keys(version), self.state.train_labels(version)
         if keys is None or labels is None:
             raise StateError(f"head {version} does not record its training images; retrain it with `device train`")
-        store = EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256)
-        rows = [store.get(str(k)) for k in keys]
+        with EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) as store:
+            rows = store.get_many(str(k) for k in keys)
         missing = sum(r is None for r in rows)
         if missing:
             raise StateError(f"{missing} training embeddings of head {version} are missing from the store; retrain "

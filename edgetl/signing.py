@@ -7,11 +7,40 @@ key (PKCS#8, written with mode 0600) and ``KEY.pub`` (SubjectPublicKeyInfo). Use
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from edgetl.errors import BundleError, RuntimeMissingError
 
 SIGNATURE = "manifest.sig"
+MAX_KEY_BYTES = 16 << 10  #: a PEM Ed25519 key is about 120 bytes; anything beyond this is not a key
+MAX_SIGNATURE_BYTES = 1024  #: the raw signature is 64 bytes
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. A FIFO, device, folder or oversized file is refused
+    without blocking or reading it whole (``/dev/zero`` or a pipe given as a key cannot hang the device)."""
+    if str(path).strip() in ("", "."):
+        raise BundleError(f"{what} path is empty (is EDGETL_TRUST set to an empty value?); pass the key file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BundleError(f"cannot read {what} {path} ({exc.strerror or exc}); pass an existing key file") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{what} {path} is not a regular file; pass the key file itself")
+        if st.st_size > limit:
+            raise BundleError(f"{what} {path} has {st.st_size} bytes, more than the {limit} a key file can have; pass "
+                              "the right file")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            raise BundleError(f"{what} {path} is larger than {limit} bytes; pass the right file")
+        return data
+    except OSError as exc:
+        raise BundleError(f"cannot read {what} {path} ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
 
 
 def _crypto():  # type: ignore[no-untyped-def]
@@ -46,8 +75,9 @@ def sign_bundle(bundle: str | os.PathLike[str], key: str | os.PathLike[str]) -> 
     """Sign ``bundle/manifest.json`` with the private key file ``key``; write ``bundle/manifest.sig``."""
     serialization, ed25519 = _crypto()
     try:
-        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        private = serialization.load_pem_private_key(read_small_file(key, MAX_KEY_BYTES, "private key"),
+                                                     password=None)
+    except (ValueError, TypeError) as exc:
         raise BundleError(f"cannot read private key {key} ({exc}); create one with `edgetl keys generate`") from exc
     if not isinstance(private, ed25519.Ed25519PrivateKey):
         raise BundleError(f"{key} is not an Ed25519 private key; create one with `edgetl keys generate`")
@@ -56,23 +86,39 @@ def sign_bundle(bundle: str | os.PathLike[str], key: str | os.PathLike[str]) -> 
     return path
 
 
-def verify_signature(bundle: Path, manifest_bytes: bytes, public_key: str | os.PathLike[str]) -> None:
-    """Raise :class:`BundleError` unless ``manifest.sig`` is a valid signature of ``manifest_bytes`` by the key."""
+def load_public_key(public_key: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    """The Ed25519 public key in the PEM file ``public_key`` (read with a size limit)."""
     serialization, ed25519 = _crypto()
-    from cryptography.exceptions import InvalidSignature
-
+    data = read_small_file(public_key, MAX_KEY_BYTES, "trusted public key")
     try:
-        public = serialization.load_pem_public_key(Path(public_key).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
+        public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
         raise BundleError(f"cannot read trusted public key {public_key} ({exc})") from exc
     if not isinstance(public, ed25519.Ed25519PublicKey):
         raise BundleError(f"trusted key {public_key} is not an Ed25519 public key")
-    sig_path = bundle / SIGNATURE
-    if not sig_path.is_file():
-        raise BundleError(f"bundle {bundle} is not signed but a trusted key is required; sign it on the host "
+    return public
+
+
+def verify_manifest(signature: bytes | None, manifest_bytes: bytes, public_key: str | os.PathLike[str],
+                    where: str) -> None:
+    """Raise :class:`BundleError` unless ``signature`` is a valid signature of ``manifest_bytes`` by the key
+    (``where`` names the bundle or archive in messages; ``signature`` None: the bundle is not signed)."""
+    public = load_public_key(public_key)
+    from cryptography.exceptions import InvalidSignature
+
+    if signature is None:
+        raise BundleError(f"bundle {where} is not signed but a trusted key is required; sign it on the host "
                           "(edgetl export … --sign KEY or edgetl bundle sign)")
     try:
-        public.verify(sig_path.read_bytes(), manifest_bytes)
+        public.verify(signature, manifest_bytes)
     except InvalidSignature as exc:
-        raise BundleError(f"bundle {bundle} has a bad signature for the trusted key {public_key} (tampered manifest "
+        raise BundleError(f"bundle {where} has a bad signature for the trusted key {public_key} (tampered manifest "
                           "or signed by another key); refusing it") from exc
+
+
+def verify_signature(bundle: Path, manifest_bytes: bytes, public_key: str | os.PathLike[str]) -> None:
+    """Raise :class:`BundleError` unless ``manifest.sig`` is a valid signature of ``manifest_bytes`` by the key."""
+    load_public_key(public_key)  # a bad key is reported before a missing signature
+    sig_path = bundle / SIGNATURE
+    signature = read_small_file(sig_path, MAX_SIGNATURE_BYTES, "signature") if sig_path.is_file() else None
+    verify_manifest(signature, manifest_bytes, public_key, str(bundle))

@@ -14,6 +14,18 @@ from edgetl.cli._progress import progress_bars
 _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
 
 
+def _trust_option(value: Path | None) -> Path | None:
+    """``--trust`` / ``EDGETL_TRUST``: an empty EDGETL_TRUST is an error, never "no signature check"."""
+    import os
+
+    if value is None and os.environ.get("EDGETL_TRUST") is not None and not os.environ["EDGETL_TRUST"].strip():
+        from edgetl.errors import BundleError
+
+        raise BundleError("EDGETL_TRUST is set but empty; set it to the trusted public key file (KEY.pub) or unset it "
+                          "to run without signature checks")
+    return value
+
+
 def _runtime_options(f: Any) -> Any:
     f = click.option("--backend", type=click.Choice(["onnx", "openvino", "tflite"]), default=None,
                      help="Inference runtime (default: the profile's preference among those installed).")(f)
@@ -31,7 +43,7 @@ def _open(bundle: Path, opts: dict[str, Any]) -> Any:
     from edgetl.device import DeviceRuntime
 
     return DeviceRuntime(bundle, backend=opts["backend"], precision=opts["precision"], profile=opts["profile"],
-                         threads=opts["threads"], trust=opts["trust"])
+                         threads=opts["threads"], trust=_trust_option(opts["trust"]))
 
 
 @click.group()
@@ -202,14 +214,22 @@ def rollback(bundle: Path, to: str | None, wait: float, **opts: Any) -> None:
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
-              help="Public key: refuse an unsigned or badly signed bundle.")
+              help="Public key: refuse an unsigned or badly signed bundle [env EDGETL_TRUST].")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=2 << 30, show_default=True,
               help="Refuse archives that expand beyond this size.")
-def install(archive: Path, dest: Path, trust: Path | None, max_bytes: int) -> None:
-    """Install a bundle archive (from `edgetl bundle pack`) into DEST safely, keeping DEST's device state."""
+@click.option("--force", is_flag=True,
+              help="DEST is a non-empty folder that is not a bundle (or holds other files): move it aside to "
+                   "DEST.before-install-TIME (nothing is deleted) instead of refusing.")
+@click.option("--wait", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for a running trainer on DEST to finish.")
+def install(archive: Path, dest: Path, trust: Path | None, max_bytes: int, force: bool, wait: float) -> None:
+    """Install a bundle archive (from `edgetl bundle pack`) into DEST safely, keeping DEST's device state.
+
+    DEST must be absent, empty or a bundle; the signature (--trust), the replay check (never an older bundle over a
+    newer one) and the archive's contents are checked before anything on disk changes."""
     from edgetl.transport import install as run_install
 
-    run_install(archive, dest, trust=trust, max_bytes=max_bytes)
+    run_install(archive, dest, trust=_trust_option(trust), max_bytes=max_bytes, force=force, wait=wait)
     click.echo(f"installed {archive} into {dest}")
 
 
