@@ -98,3 +98,60 @@ def test_stratified_split_keeps_every_class() -> None:
     assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == len(labels)
     assert set(labels[held]) == set(range(5))
     assert set(labels[train]) == set(range(5))
+
+
+def _two_classes(root: Path) -> Path:
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+    return root
+
+
+def test_class_folder_linking_to_the_data_folder_is_a_loop(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path / "data")
+    (root / "loop").symlink_to(root)  # used to become a class holding every other class's images
+    with pytest.raises(DataError, match=r"class folder .*loop is a symlink loop"):
+        scan_image_folder(root)
+    (root / "loop").unlink()
+    (root / "up").symlink_to(tmp_path)  # an ancestor of the data folder: the same loop
+    with pytest.raises(DataError, match=r"class folder .*up is a symlink loop"):
+        scan_image_folder(root)
+
+
+def test_class_folder_linking_to_itself_is_refused(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path / "data")
+    (root / "self").symlink_to(root / "self")
+    with pytest.raises(DataError, match=r"class folder .*self is a symlink loop"):
+        scan_image_folder(root)
+
+
+def test_class_folders_linking_to_one_folder_are_refused(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path / "data")
+    (root / "kitten").symlink_to(root / "cat")  # the same images under two class names
+    with pytest.raises(DataError, match=r"class folders .*cat and .*kitten are the same folder"):
+        scan_image_folder(root)
+    (root / "kitten").unlink()
+    (root / "kitten").symlink_to(root / "dog" / ".")
+    (root / "cat" / "inner").mkdir()
+    (root / "puppy").symlink_to(root / "cat" / "inner")  # nested inside another class
+    with pytest.raises(DataError, match="same folder|inside"):
+        scan_image_folder(root)
+
+
+def test_class_folder_linking_outside_is_resolved_once(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path / "data")
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "sub" / "b.png")
+    (tmp_path / "elsewhere" / "sub" / "back").symlink_to(root)  # a link inside a class is not followed
+    (root / "bird").symlink_to(tmp_path / "elsewhere")
+    data = scan_image_folder(root)
+    assert data.classes == ("bird", "cat", "dog")
+    assert data.class_counts() == {"bird": 1, "cat": 1, "dog": 1}
+    assert data.samples[0].path == root / "bird" / "sub" / "b.png"
+
+
+def test_dangling_class_link_is_reported(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path / "data")
+    (root / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"class folder .*gone is a link to .*nowhere, which does not exist"):
+        scan_image_folder(root)
