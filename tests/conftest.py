@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,49 @@ from edgetl.demo import demo_split
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 SMALL = 64  # px: real pretrained weights, small input, so device tests stay fast
+#: what the ``bundle`` fixture exports with torch, and tools/make_device_fixture.py exports into DEVICE_BUNDLE
+DEVICE_BUNDLE_ARGS = {"model": "mobilenet_v2", "image_size": SMALL, "calib_size": 20, "eval_size": 60}
+#: the committed copy of that bundle, for the device tests wherever torch is absent (bash tools/test-device.sh)
+DEVICE_BUNDLE = Path(__file__).resolve().parent / "data" / "device-bundle" / "mnv2-64"
+#: set by tools/test-device.sh: the torch-free device lane, where no test may be skipped for lack of torch
+DEVICE_LANE = os.environ.get("EDGETL_DEVICE_LANE") == "1"
+#: modules that skip as a whole at import where their extra is missing (a module-level importorskip), so a marker alone
+#: cannot deselect them: the device lane, which installs none of these, does not collect them. Their tests carry the
+#: marker named here too (``-m "not host"`` etc. deselects them anywhere).
+EXTRA_MODULES = {"test_backends.py": "host", "test_openvino.py": "host", "test_tflite.py": "host",
+                 "test_fleet.py": "fleet", "test_stream.py": "stream"}
+collect_ignore = sorted(EXTRA_MODULES) if DEVICE_LANE else []
+
+
+def use_committed_bundle() -> bool:
+    """The device tests use the committed bundle where torch is absent, or when EDGETL_TEST_BUNDLE=committed."""
+    return not HAS_TORCH or os.environ.get("EDGETL_TEST_BUNDLE") == "committed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> object:
+    """In the device lane a whole module skipped at import fails: list it in EXTRA_MODULES (and mark its tests)."""
+    outcome = yield
+    report = outcome.get_result()
+    if DEVICE_LANE and report.skipped and isinstance(collector, pytest.Module):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{collector.path.name} was skipped as a whole in the torch-free device lane ({reason}); "
+                           "add it to EXTRA_MODULES in tests/conftest.py and mark its tests")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """In the device lane a test skipped for lack of torch (or of a host-side package) fails: such a test must carry
+    the ``host`` marker (or the marker of the extra it needs) so that the lane deselects it."""
+    outcome = yield
+    report = outcome.get_result()
+    if DEVICE_LANE and report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(word in reason.lower() for word in ("torch", "host extra", "openvino", "litert", "tflite")):
+            report.outcome = "failed"
+            report.longrepr = (f"skipped in the torch-free device lane ({reason}); mark the test host (or with the "
+                               "marker of the extra it needs) so that tools/test-device.sh deselects it")
 
 
 @pytest.fixture(scope="session")
@@ -24,13 +68,19 @@ def demo_test() -> Path:
 
 @pytest.fixture(scope="session")
 def _pretrained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_train: Path) -> Path:
-    """A real bundle: MobileNetV2 with its ImageNet weights, exported to ONNX at 64 px and checked against PyTorch."""
-    if not HAS_TORCH:
-        pytest.skip("needs the host extra (torch) to export a bundle")
+    """A real bundle: MobileNetV2 with its ImageNet weights, exported to ONNX at 64 px and checked against PyTorch.
+
+    With torch, exported here from the current code; without torch, a session copy of the committed bundle that
+    tools/make_device_fixture.py exported the same way (so the committed files are never modified).
+    """
+    out = tmp_path_factory.mktemp("bundles") / "mnv2-64"
+    if use_committed_bundle():
+        if not (DEVICE_BUNDLE / "manifest.json").is_file():
+            pytest.fail(f"{DEVICE_BUNDLE} is missing; make it on a host: .venv/bin/python tools/make_device_fixture.py")
+        return Path(shutil.copytree(DEVICE_BUNDLE, out))
     from edgetl.host.export import export
 
-    out = tmp_path_factory.mktemp("bundles") / "mnv2-64"
-    return export(out, demo_train, model="mobilenet_v2", image_size=SMALL, calib_size=20, eval_size=60)
+    return export(out, demo_train, **DEVICE_BUNDLE_ARGS)  # type: ignore[arg-type]
 
 
 @pytest.fixture()

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from tests.conftest import HAS_TORCH, SMALL
 
-pytestmark = [pytest.mark.host, pytest.mark.skipif(not HAS_TORCH, reason="needs the host extra (torch)")]
+pytestmark = [pytest.mark.host, pytest.mark.openvino, pytest.mark.tflite,
+              pytest.mark.skipif(not HAS_TORCH, reason="needs the host extra (torch)")]
 pytest.importorskip("openvino")
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("litert_torch")

@@ -26,6 +26,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.host
 def test_models_list() -> None:
     code, out, _ = run("models", "list", "--json")
     assert code == 0

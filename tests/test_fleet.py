@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import make_folder
 
+pytestmark = pytest.mark.fleet
 flwr = pytest.importorskip("flwr")
 pytest.importorskip("ray")
 

@@ -64,6 +64,7 @@ def _multi_bundle(tmp_path_factory: pytest.TempPathFactory, demo_train: Path) ->
                   features="multi", precisions=("fp32", "int8"), max_drop=5.0)  # 60 held-out images: 1 = 1.7 pts
 
 
+@pytest.mark.host
 def test_export_multi_describes_groups_and_gates_each(_multi_bundle: Path) -> None:
     manifest = json.loads((_multi_bundle / "manifest.json").read_text())
     groups = manifest["feature_groups"]
@@ -75,6 +76,7 @@ def test_export_multi_describes_groups_and_gates_each(_multi_bundle: Path) -> No
     assert fp32["report"]["max_abs_diff"] < 1e-3  # every output matches PyTorch
 
 
+@pytest.mark.host
 def test_device_train_last_multi_auto(_multi_bundle: Path, demo_train: Path, demo_test: Path, tmp_path: Path) -> None:
     bundle = Path(shutil.copytree(_multi_bundle, tmp_path / "b"))
     rt = DeviceRuntime(bundle, precision="fp32")
@@ -104,6 +106,7 @@ def test_multi_on_a_last_layer_bundle_is_refused(bundle: Path, demo_train: Path)
         DeviceRuntime(bundle).train(demo_train, features="multi")
 
 
+@pytest.mark.host
 def test_malformed_feature_groups_are_refused(_multi_bundle: Path, tmp_path: Path) -> None:
     from edgetl.bundle import Bundle
 
@@ -115,6 +118,7 @@ def test_malformed_feature_groups_are_refused(_multi_bundle: Path, tmp_path: Pat
         Bundle.load(bundle, verify=False)
 
 
+@pytest.mark.host
 def test_exported_onnx_graphs_hold_standard_ops_only(_multi_bundle: Path) -> None:
     """GPU providers (CUDA, TensorRT) refuse ONNX Runtime's CPU-only fused ops: every shipped graph stays standard."""
     import onnx

@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import HAS_TORCH, SMALL
 
 ov = pytest.importorskip("openvino")
-pytestmark = [pytest.mark.host, pytest.mark.skipif(not HAS_TORCH, reason="needs the host extra (torch)")]
+pytestmark = [pytest.mark.host, pytest.mark.openvino,
+              pytest.mark.skipif(not HAS_TORCH, reason="needs the host extra (torch)")]
 
 FILES = {"fp32": "extractor.xml", "fp16": "extractor.fp16.xml", "int8": "extractor.int8.xml"}
 

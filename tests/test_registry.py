@@ -26,6 +26,7 @@ def test_unknown_backbone_lists_known() -> None:
         get_backbone("resnet9000")
 
 
+@pytest.mark.host
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
 def test_installed_weights_verify(name: str) -> None:
     path = resolve_weights(get_backbone(name))

@@ -13,6 +13,7 @@ import pytest
 
 from edgetl.device import DeviceRuntime
 
+pytestmark = pytest.mark.stream
 cv2 = pytest.importorskip("cv2", reason="needs the stream extra: pip install 'edgetl[stream]'")
 if not hasattr(cv2, "VideoWriter"):  # a stray cv2.py on sys.path
     pytest.skip("the cv2 module found is not OpenCV", allow_module_level=True)

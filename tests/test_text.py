@@ -68,6 +68,7 @@ def _plot_summaries(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- registry
+@pytest.mark.text
 @needs_minilm
 def test_registry_entry_is_a_verified_text_encoder() -> None:
     spec = get_backbone("minilm_l6")
@@ -142,6 +143,7 @@ def test_text_folder_and_errors(tmp_path: Path) -> None:
         scan_text_data(tmp_path / "nowhere")
 
 
+@pytest.mark.text
 @needs_minilm
 def test_tokenizer_truncates_and_pads_per_batch() -> None:
     tok = load_tokenizer(_tokenizer_file(), max_length=16)
@@ -161,6 +163,7 @@ def test_text_extractor_rejects_bad_input() -> None:
     assert check_tokens(pack([[1, 2]], [[1, 1]])).shape == (1, 2, 2)
 
 
+@pytest.mark.host
 def test_text_export_is_onnx_only() -> None:
     from edgetl.host.text_export import _precisions
 
@@ -172,6 +175,8 @@ def test_text_export_is_onnx_only() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ export
+@pytest.mark.host
+@pytest.mark.text
 def test_bundle_packs_tokenizer_and_both_graphs(text_bundle: Path) -> None:
     b = Bundle.load(text_bundle)
     m = b.manifest
@@ -190,6 +195,8 @@ def test_bundle_packs_tokenizer_and_both_graphs(text_bundle: Path) -> None:
         Bundle.load(text_bundle)
 
 
+@pytest.mark.host
+@pytest.mark.text
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None, reason="needs sentence-transformers")
 def test_onnx_encoder_matches_sentence_transformers(text_bundle: Path) -> None:
     """The device path (tokenizers + ONNX Runtime) against the reference library, on real review snippets, an empty-ish
@@ -213,6 +220,8 @@ def test_onnx_encoder_matches_sentence_transformers(text_bundle: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ device
+@pytest.mark.host
+@pytest.mark.text
 def test_every_head_and_command_on_text(text_bundle: Path, rt_csv: dict[str, Path], tmp_path: Path) -> None:
     from edgetl import DeviceRuntime
 
@@ -240,6 +249,8 @@ def test_every_head_and_command_on_text(text_bundle: Path, rt_csv: dict[str, Pat
         rt.predict([_write(docs / "empty.txt", "")])
 
 
+@pytest.mark.host
+@pytest.mark.text
 def test_int8_encoder_on_device(text_bundle: Path, rt_csv: dict[str, Path]) -> None:
     from edgetl import DeviceRuntime
 
@@ -249,6 +260,8 @@ def test_int8_encoder_on_device(text_bundle: Path, rt_csv: dict[str, Path]) -> N
     assert rt.evaluate(rt_csv["test"])["accuracy"] > 0.6
 
 
+@pytest.mark.host
+@pytest.mark.text
 def test_cli_on_text_bundle(text_bundle: Path, rt_csv: dict[str, Path], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -269,6 +282,8 @@ def test_cli_on_text_bundle(text_bundle: Path, rt_csv: dict[str, Path], tmp_path
     assert res.exit_code == 1 and "1 class" in res.output
 
 
+@pytest.mark.host
+@pytest.mark.text
 def test_text_device_path_without_torch_or_transformers(text_bundle: Path, rt_csv: dict[str, Path]) -> None:
     code = f"""
 import sys

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import SMALL
 
 pytest.importorskip("ai_edge_litert")
-pytestmark = [pytest.mark.host,
+pytestmark = [pytest.mark.host, pytest.mark.tflite,
               pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs the host extra (torch)"),
               pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None, reason="needs litert-torch"),
               pytest.mark.skipif(importlib.util.find_spec("ai_edge_quantizer") is None,
