@@ -103,7 +103,7 @@ def test_move_done_and_a_move_interrupted_by_a_crash(trained: Path, demo_test: P
     truth = fill(inbox, demo_test, 2)
     rt = DeviceRuntime(trained)
 
-    def crash(src: Path, dest: Path) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
         raise OSError("simulated power cut between the journal write and the move")
 
     monkeypatch.setattr(watch, "_move", crash)
@@ -247,3 +247,146 @@ def test_watch_needs_a_head(bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "inbox").mkdir()
     with pytest.raises(NotFittedError, match="device train"):
         InboxWatcher(DeviceRuntime(bundle), tmp_path / "inbox")
+
+
+# ------------------------------------------------------------------------------------- hostile inboxes
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def test_links_planted_in_the_inbox_are_never_followed(trained: Path, demo_test: Path, tmp_path: Path) -> None:
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    truth = fill(inbox, demo_test, 1)
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    outside.mkdir()
+    (outside / "victim.txt").write_text("precious")
+    (outside / "victim.lock").write_text("precious lock")
+    shutil.copy(next(iter((demo_test / "bag").glob("*.png"))), outside / "elsewhere.png")
+    before = _snapshot(outside)
+    (inbox / "_watch").mkdir()
+    (inbox / "_watch" / "results.jsonl").symlink_to(outside / "victim.txt")
+    (inbox / "_watch" / "results.jsonl.lock").symlink_to(outside / "victim.lock")
+    (inbox / "_watch" / "results.jsonl.learn.json").symlink_to(outside / "created-by-learning.json")
+    (inbox / "_failed").mkdir()
+    (inbox / "_failed" / "broken.png.reason").symlink_to(outside / "victim.txt")
+    (inbox / "link.png").symlink_to(outside / "elsewhere.png")  # a link to an image outside
+    (inbox / "linked-dir").symlink_to(outside, target_is_directory=True)
+    (inbox / "fifo.png").parent.mkdir(exist_ok=True)
+    os.mkfifo(inbox / "fifo.png")  # would block a reader forever
+    with InboxWatcher(DeviceRuntime(trained), inbox, settle=0, batch_size=4) as w:
+        assert w.process_once() == len(truth) + 1
+    assert _snapshot(outside) == before  # nothing outside was truncated, appended to or renamed
+    assert not (outside / "created-by-learning.json").exists()
+    records = lines(inbox / "_watch" / "results.jsonl")
+    assert not (inbox / "_watch" / "results.jsonl").is_symlink()
+    assert sorted(r["file"] for r in records) == sorted([*truth, "broken.png"])
+    assert list((inbox / "_watch").glob("results.jsonl.aside-*"))  # the planted links were moved aside, not deleted
+    reasons = [p for p in (inbox / "_failed").iterdir() if p.name.endswith(".reason") and not p.is_symlink()]
+    assert len(reasons) == 1 and "broken" in reasons[0].read_text()
+    assert (inbox / "link.png").is_symlink() and (inbox / "fifo.png").exists()  # ignored, untouched
+
+
+def test_a_link_in_place_of_the_watchers_folders(trained: Path, demo_test: Path, tmp_path: Path) -> None:
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    fill(inbox, demo_test, 1)
+    (inbox / "broken.png").write_bytes(b"not an image")
+    outside.mkdir()
+    (inbox / "_watch").symlink_to(outside, target_is_directory=True)
+    (inbox / "_failed").symlink_to(outside, target_is_directory=True)
+    with InboxWatcher(DeviceRuntime(trained), inbox, settle=0) as w:
+        assert w.process_once() == 11
+    assert list(outside.iterdir()) == []
+    assert (inbox / "_watch").is_dir() and not (inbox / "_watch").is_symlink()
+    assert (inbox / "_failed" / "broken.png").is_file() and not (inbox / "_failed").is_symlink()
+    assert len(list(inbox.glob("_watch.aside-*"))) == 1 and len(list(inbox.glob("_failed.aside-*"))) == 1
+
+
+@pytest.mark.parametrize("exc", [OverflowError("Python int too large"), MemoryError(), RecursionError("deep"),
+                                 ZeroDivisionError("bad header")])
+def test_any_exception_from_one_file_is_that_files_failure(trained: Path, demo_test: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           exc: BaseException) -> None:
+    from edgetl import watch
+
+    inbox = tmp_path / "inbox"
+    truth = fill(inbox, demo_test, 1)
+    shutil.copy(next(iter((demo_test / "bag").glob("*.png"))), inbox / "poison.png")
+    shutil.copy(next(iter((demo_test / "coat").glob("*.png"))), inbox / "bad-pixels.png")
+    real = watch.load_image
+
+    def load(path: str) -> object:
+        name = os.readlink(path) if path.startswith("/proc/") else path
+        if name.endswith("poison.png"):
+            raise exc
+        if name.endswith("bad-pixels.png"):
+            return "not an image at all"  # decodes, then fails in preprocessing/embedding
+        return real(path)
+
+    monkeypatch.setattr(watch, "load_image", load)
+    with InboxWatcher(DeviceRuntime(trained), inbox, settle=0, batch_size=32) as w:
+        assert w.process_once() == len(truth) + 2
+    records = {r["file"]: r for r in lines(w.out)}
+    assert records["poison.png"]["status"] == "failed" and type(exc).__name__ in records["poison.png"]["error"]
+    assert records["bad-pixels.png"]["status"] == "failed"
+    assert all(records[f]["status"] == "ok" for f in truth)  # the rest of the batch classified
+    assert (inbox / "_failed" / "poison.png").is_file() and (inbox / "_failed" / "bad-pixels.png").is_file()
+
+
+def test_unreadable_journal_lines_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal = tmp_path / "results.jsonl"
+    good = {"file": "a.png", "size": 3, "mtime_ns": 5, "status": "ok"}
+    bad = [b'{"file": "b.png", "size": 1e999, "mtime_ns": 1, "status": "ok"}', b"[1, 2, 3]", b"\xff\xfe\x00garbage",
+           b'{"file": 7, "size": 1, "mtime_ns": 1}', b'{"file": "c.png", "size": Infinity, "mtime_ns": 1}',
+           b"[" * 100_000, b'"just a string"', b'{"file": "d.png", "size": "x", "mtime_ns": 1}',
+           b'{"file": "e.png", "size": 1, "mtime_ns": 1, "moved_to": 5}', b"x" * (2 << 20)]
+    journal.write_bytes(b"\n".join([json.dumps(good).encode(), *bad, json.dumps(good | {"file": "z.png"}).encode()])
+                        + b"\n")
+    j = Journal(journal, owned=False)
+    assert sorted(k.split("\x00")[0] for k in j.done) == ["a.png", "z.png"]
+    assert caplog.text.count("not a watch record") == len(bad) and "longer than" in caplog.text
+    j.append([good | {"file": "new.png"}])
+    j.close()
+    assert journal.read_bytes().endswith(b'"new.png","size":3,"mtime_ns":5,"status":"ok"}\n')
+
+
+def test_a_slow_writer_is_retried_not_failed(trained: Path, demo_test: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image = next(iter((demo_test / "coat").glob("*.png"))).read_bytes()
+    slow = inbox / "slow.png"
+    slow.write_bytes(image[: len(image) // 2])  # the writer pauses longer than --settle
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n never an image")
+    with InboxWatcher(DeviceRuntime(trained), inbox, settle=0.3) as w:
+        assert w.process_once() == 0  # first sight
+        time.sleep(0.35)
+        assert w.process_once() == 0  # both settled, both fail to decode: another settle window first
+        assert w.stats.retried == 2 and not (inbox / "_failed").exists()
+        with open(slow, "ab") as fh:  # the writer resumes and finishes
+            fh.write(image[len(image) // 2:])
+        time.sleep(0.35)
+        assert w.process_once() == 1  # broken.png, unchanged: failed for good now
+        assert (inbox / "_failed" / "broken.png").is_file()
+        time.sleep(0.35)
+        assert w.process_once() == 1  # slow.png, complete and settled
+    records = {r["file"]: r for r in lines(w.out)}
+    assert records["slow.png"]["status"] == "ok" and records["slow.png"]["size"] == len(image)
+    assert records["broken.png"]["status"] == "failed"
+
+
+def test_a_file_replaced_under_the_same_name_is_a_new_arrival(trained: Path, demo_test: Path,
+                                                               tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    first, second = sorted((demo_test / "bag").glob("*.png"))[:2]
+    shutil.copy(first, inbox / "cam.png")
+    with InboxWatcher(DeviceRuntime(trained), inbox, settle=0) as w:
+        assert w.process_once() == 1
+        shutil.copy(second, inbox / "cam.png.part")
+        os.utime(inbox / "cam.png.part", ns=(time.time_ns(), time.time_ns() + 10**9))  # a later mtime
+        os.replace(inbox / "cam.png.part", inbox / "cam.png")
+        assert w.process_once() == 1
+        assert w.process_once() == 0
+    records = lines(w.out)
+    assert [r["file"] for r in records] == ["cam.png", "cam.png"]
+    assert records[0]["mtime_ns"] != records[1]["mtime_ns"]
