@@ -7,7 +7,9 @@ with its sha256. Device state lives in ``state/``, outside what the manifest cov
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,15 @@ from edgetl.registry import Preprocessing, TextPreprocessing, parse_preprocessin
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
+
+#: ranges of the manifest's numbers, checked on load: a value outside is a one-line BundleError naming the field
+#: (instead of an overflow, a 30 GB buffer or pages of numpy warnings later on)
+MAX_FEATURE_DIM = 1 << 16  # the multi-depth MobileNetV2 extractor has 1,992
+MAX_INPUT_SIZE = 2048  # pixels per side of the model input (one image: 48 MB of float32)
+MAX_CLASSES = 100_000
+MAX_TEXT_LENGTH = 8192  # tokens
+MAX_FILE_BYTES = 1 << 40
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -87,12 +98,17 @@ class Bundle:
                           ("files", dict)):
             if not isinstance(m.get(key), kind):
                 raise BundleError(f"{where} lacks a valid {key!r}; it was not written by edgetl export")
-        if m["feature_dim"] < 1 or not m["extractors"]:
-            raise BundleError(f"{where} lists no extractor or a bad feature_dim")
+        _number(m["feature_dim"], "feature_dim", where, 1, MAX_FEATURE_DIM, integer=True)
+        if not m["extractors"]:
+            raise BundleError(f"{where} lists no extractor; re-export the bundle")
         for name, entry in m["files"].items():
             if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and
                     isinstance(entry.get("size"), int)):
                 raise BundleError(f"{where} has a malformed record for file {name!r}")
+            _number(entry["size"], f"files[{name!r}].size", where, 0, MAX_FILE_BYTES, integer=True)
+            if not _SHA256.fullmatch(entry["sha256"]):
+                raise BundleError(f"{where}: files[{name!r}].sha256 is not 64 lowercase hex digits; copy the bundle "
+                                  "again")
         for e in m["extractors"]:
             if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in
                                                   ("file", "format", "precision", "input_name", "output_name")):
@@ -106,9 +122,11 @@ class Bundle:
         for optional, kind in (("labels", list), ("head", dict), ("golden", dict), ("reference", dict)):
             if m.get(optional) is not None and not isinstance(m[optional], kind):
                 raise BundleError(f"{where} has a malformed {optional!r}")
+        _check_values(m, where)
         for ref in [(m.get(part) or {}).get("file") for part in ("head", "golden", "reference")]:
             if ref is not None and (not isinstance(ref, str) or ref not in m["files"]):
                 raise BundleError(f"{where}: {ref!r} is not covered by a sha256; re-export the bundle")
+        _check_preprocessing(self.modality, m["preprocessing"], where)
         try:
             pp = parse_preprocessing(self.modality, m["preprocessing"])
         except EdgeTLError as exc:
@@ -220,6 +238,71 @@ class Bundle:
                 return [data[k] for k in keys]
         except (OSError, KeyError, ValueError) as exc:
             raise BundleError(f"{what} are unreadable ({exc}); re-export the bundle") from exc
+
+def _number(value: Any, field: str, where: str, low: float, high: float, integer: bool = False,
+            above: bool = False) -> float:
+    """``value`` if it is a finite number (an int when ``integer``; never a bool) in ``[low, high]`` (``(low, high]``
+    when ``above``); else a one-line :class:`BundleError` naming ``field``."""
+    kinds = int if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > low if above else value >= low) and value <= high
+    if not ok:
+        want = f"{'an integer' if integer else 'a finite number'} {'>' if above else '>='} {low:g} and <= {high:g}"
+        shown = repr(value) if not isinstance(value, (int, float)) or abs(value) < 1e15 else f"{value:.3g}"
+        raise BundleError(f"{where}: {field} is {shown[:40]}, expected {want}; the manifest is corrupt or was not "
+                          "written by edgetl export — re-export the bundle")
+    return float(value)
+
+
+def _check_preprocessing(modality: str, pp: dict[str, Any], where: str) -> None:
+    """Ranges of the preprocessing numbers (types and required keys are checked by :func:`parse_preprocessing`)."""
+    if modality == "text":
+        if "max_length" in pp:
+            _number(pp["max_length"], "preprocessing.max_length", where, 2, MAX_TEXT_LENGTH, integer=True)
+        return
+    for key in ("input_size", "resize"):
+        if key in pp:
+            _number(pp[key], f"preprocessing.{key}", where, 1, MAX_INPUT_SIZE * (2 if key == "resize" else 1),
+                    integer=True)
+    if "scale" in pp:
+        _number(pp["scale"], "preprocessing.scale", where, 0, 1e6, above=True)
+    for key, low, high, above in (("mean", -1e6, 1e6, False), ("std", 1e-6, 1e6, False)):
+        values = pp.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != 3:
+            raise BundleError(f"{where}: preprocessing.{key} is {str(values)[:40]}, expected 3 numbers (one per "
+                              "channel); re-export the bundle")
+        for i, v in enumerate(values):
+            _number(v, f"preprocessing.{key}[{i}]", where, low, high, above=above)
+    for key, allowed in (("channels", ("RGB", "BGR")), ("layout", ("NCHW", "NHWC")),
+                         ("interpolation", ("bilinear", "bicubic", "nearest"))):
+        if key in pp and pp[key] not in allowed:
+            raise BundleError(f"{where}: preprocessing.{key} is {str(pp[key])[:40]!r}, expected one of "
+                              f"{', '.join(allowed)}; re-export the bundle")
+
+
+def _check_values(m: dict[str, Any], where: str) -> None:
+    """Ranges and element types of the optional fields the device reads."""
+    labels = m.get("labels")
+    if labels is not None:
+        if len(labels) > MAX_CLASSES or not all(isinstance(name, str) and name for name in labels):
+            raise BundleError(f"{where}: labels must be at most {MAX_CLASSES} non-empty strings; re-export the bundle")
+    if m.get("created_unix") is not None:
+        _number(m["created_unix"], "created_unix", where, 0, 1e11)
+    head = m.get("head")
+    if head is not None and not (isinstance(head.get("file"), str) and isinstance(head.get("kind"), str)):
+        raise BundleError(f"{where}: head needs a file and a kind (strings); re-export the bundle")
+    for i, e in enumerate(m["extractors"]):
+        golden = e.get("golden")
+        if golden is None:
+            continue
+        if not (isinstance(golden, dict) and isinstance(golden.get("key"), str) and
+                isinstance(golden.get("tolerance"), dict)):
+            raise BundleError(f"{where}: extractors[{i}].golden needs a key and a tolerance; re-export the bundle")
+        for name, limit in golden["tolerance"].items():
+            _number(limit, f"extractors[{i}].golden.tolerance.{name}", where, 0, 1e6)
+
 
 def _tiles(groups: Any, dim: int) -> bool:
     """Feature groups cover ``[0, dim)`` in order, without gaps or overlaps."""

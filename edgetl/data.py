@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -187,14 +188,14 @@ _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: 
 _BAND_PIXELS = 1 << 20  # rows converted at a time when shrinking
 
 
-def open_input(path: str | os.PathLike[str], what: str = "image") -> BinaryIO:
+def open_input(path: str | os.PathLike[str], what: str = "image", files: str = "image files") -> BinaryIO:
     """Open a user-given input file for reading, refusing anything but a non-empty regular file (a folder, FIFO,
     socket or device would hang or never end) with a :class:`DataError` naming it. Opened without blocking: a FIFO
-    swapped in after the check is refused too."""
+    swapped in after the check is refused too. ``what`` names the file in messages, ``files`` what to pass instead."""
     path = Path(path)
     try:
         info = os.stat(path)
-        _check_regular(info, path, what)
+        _check_regular(info, path, what, files)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise DataError(f"{what} {path} does not exist") from exc
@@ -205,7 +206,7 @@ def open_input(path: str | os.PathLike[str], what: str = "image") -> BinaryIO:
                         "permissions") from exc
     try:
         info = os.fstat(fd)
-        _check_regular(info, path, what)
+        _check_regular(info, path, what, files)
         if info.st_size == 0:
             raise DataError(f"{what} {path} is empty (0 bytes); remove or replace the file")
         return os.fdopen(fd, "rb")
@@ -214,12 +215,12 @@ def open_input(path: str | os.PathLike[str], what: str = "image") -> BinaryIO:
         raise
 
 
-def _check_regular(info: os.stat_result, path: Path, what: str) -> None:
+def _check_regular(info: os.stat_result, path: Path, what: str, files: str) -> None:
     if stat.S_ISDIR(info.st_mode):
-        raise DataError(f"{what} {path} is a folder, not a file; pass {what} files")
+        raise DataError(f"{what} {path} is a folder, not a file; pass {files}")
     if not stat.S_ISREG(info.st_mode):
         kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
-        raise DataError(f"{what} {path} is {kind}, not a regular file; refusing it — pass {what} files")
+        raise DataError(f"{what} {path} is {kind}, not a regular file; refusing it — pass {files}")
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None) -> Any:
@@ -235,17 +236,18 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, budge
         budget = replace(budget, max_pixels=max_pixels)
     path = Path(path)
     try:
-        with open_input(path) as fh, Image.open(fh, formats=IMAGE_FORMATS) as image:
-            full = image.size
-            _check_size(*full, path, budget)
-            if image.format in ("JPEG", "MPO"):
-                _draft(image, budget)
-            _check_memory(image, full, path, budget)
-            image.load()
-            orientation = image.getexif().get(0x0112)
-            rgb = _shrink_to_rgb(image, budget.work_pixels)
-            method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
-            return rgb.transpose(Image.Transpose[method]) if method else rgb
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on stderr (large image, odd EXIF); the checks here decide
+            with open_input(path) as fh, Image.open(fh, formats=IMAGE_FORMATS) as image:
+                full = image.size
+                _check_size(*full, path, budget)
+                if image.format in ("JPEG", "MPO"):
+                    _draft(image, budget)
+                _check_memory(image, full, path, budget)
+                image.load()
+                method = _ORIENTATION.get(_orientation(image))
+                rgb = _shrink_to_rgb(image, budget.work_pixels)
+                return rgb.transpose(Image.Transpose[method]) if method else rgb
     except DataError:
         raise
     except UnidentifiedImageError as exc:
@@ -255,6 +257,16 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, budge
             struct_error, IndexError, TypeError, ZeroDivisionError, MemoryError, OverflowError, KeyError) as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace the "
                         "file") from exc
+
+
+def _orientation(image: Any) -> int | None:
+    """The EXIF orientation tag (1-8), read as Pillow's ``ImageOps.exif_transpose`` reads it; None when absent or
+    unreadable (a corrupt EXIF block does not make the picture unusable)."""
+    try:
+        value = image.getexif().get(0x0112)
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error, IndexError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _draft(image: Any, budget: DecodeBudget) -> None:

@@ -9,6 +9,7 @@ from edgetl.bundle import Bundle, ExtractorEntry
 from edgetl.errors import BundleError, RuntimeMissingError
 from edgetl.profiles import DeviceProfile, detect_profile, get_profile
 from edgetl.runtime import BACKENDS, installed_backends
+from edgetl.runtime.base import cap_threads
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def choose(bundle: Bundle, backend: str | None = None, precision: str | None = N
                 log.warning("using %s/%s: %s, which %s", b, p, reason,
                             "is not installed here" if first[0] not in installed else "this bundle lacks")
             providers = list(prof.onnx_providers) if b == "onnx" else None
-            return Choice(entry, prof, threads or (prof.threads or None), providers, reason)
+            return Choice(entry, prof, cap_threads(threads) or (prof.threads or None), providers, reason)
     have = ", ".join(f"{e.format}/{e.precision}" + (" (failed)" if e.raw.get("failed") else "") for e in entries)
     wanted = f"{backend or 'any backend'}/{precision or 'any precision'}"
     if backend is None and not installed:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,18 @@ from edgetl.errors import StateError
 from edgetl.heads import Head
 
 BUNDLE_HEAD = "bundle"  #: pseudo-version: the initial head the host packed into the bundle
+#: a head version's name: ``v`` and at least four ASCII digits (what :meth:`DeviceState.write_version` creates)
+VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
+
+
+def check_version(name: object, bundle_head: bool = False) -> str:
+    """``name`` if it is a head version name (or, with ``bundle_head``, the bundle's own head ``"bundle"``); anything
+    else (``../../x``, an absolute path, a name with control characters) is a :class:`StateError` — names come from
+    users (``rollback --to``) and from files a user can edit (``state/current``), and become paths."""
+    if isinstance(name, str) and (VERSION_PATTERN.fullmatch(name) or (bundle_head and name == BUNDLE_HEAD)):
+        return name
+    raise StateError(f"{name!r} is not a head version name; versions are named like v0001 ({BUNDLE_HEAD!r} is the "
+                     "bundle's own head) — see `edgetl device history`")
 
 
 class DeviceState:
@@ -38,20 +51,28 @@ class DeviceState:
     def current(self) -> str | None:
         pointer = self.folder / "current"
         try:
-            return pointer.read_text(encoding="utf-8").strip() or None
+            name = pointer.read_text(encoding="utf-8").strip() or None
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read {pointer} ({exc})") from exc
+        if name is not None and not (VERSION_PATTERN.fullmatch(name) or name == BUNDLE_HEAD):
+            raise StateError(f"device state file {pointer} holds {name[:40]!r}, not a head version name (edited or "
+                             f"corrupt); write the name of a version in {self.heads} into it")
+        return name
 
     def versions(self) -> list[str]:
         """Complete versions, oldest first (temporary folders of an interrupted write are ignored)."""
         if not self.heads.is_dir():
             return []
-        return sorted(p.name for p in self.heads.iterdir() if p.is_dir() and p.name[:1] == "v" and p.name[1:].isdigit())
+        return sorted(p.name for p in self.heads.iterdir() if VERSION_PATTERN.fullmatch(p.name) and p.is_dir())
+
+    def version_dir(self, version: str) -> Path:
+        """The folder of head ``version``; a name that is no version name (a path) is a :class:`StateError`."""
+        return self.heads / check_version(version)
 
     def meta(self, version: str) -> dict[str, Any]:
-        path = self.heads / version / "meta.json"
+        path = self.version_dir(version) / "meta.json"
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
@@ -60,7 +81,7 @@ class DeviceState:
             raise StateError(f"device state file {path} is unreadable ({exc}); roll back to another version") from exc
 
     def head_file(self, version: str) -> Path:
-        return self.heads / version / "head.npz"
+        return self.version_dir(version) / "head.npz"
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.folder / "audit.jsonl"
@@ -76,14 +97,14 @@ class DeviceState:
     def train_keys(self, version: str) -> np.ndarray | None:
         """Content hashes of the images ``version`` was trained on (None when unknown)."""
         try:
-            return np.load(self.heads / version / "train_keys.npy", allow_pickle=False)
+            return np.load(self.version_dir(version) / "train_keys.npy", allow_pickle=False)
         except (OSError, ValueError):
             return None
 
     def train_labels(self, version: str) -> np.ndarray | None:
         """Class indices of the images ``version`` was trained on, aligned with :meth:`train_keys`."""
         try:
-            return np.load(self.heads / version / "train_labels.npy", allow_pickle=False)
+            return np.load(self.version_dir(version) / "train_labels.npy", allow_pickle=False)
         except (OSError, ValueError):
             return None
 
@@ -113,7 +134,7 @@ class DeviceState:
         return version
 
     def set_current(self, version: str) -> None:
-        payload = version.encode()
+        payload = check_version(version, bundle_head=True).encode()
         try:
             atomic_write(self.folder / "current", lambda fh: fh.write(payload))
         except OSError as exc:

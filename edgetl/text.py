@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgetl.data import ImageFolder, Sample, scan_class_folders
+from edgetl.data import ImageFolder, Sample, open_input, scan_class_folders
 from edgetl.errors import DataError, RuntimeMissingError
 
 TEXT_SUFFIXES = frozenset({".txt"})
@@ -62,11 +62,13 @@ def read_text(item: TextItem | str | os.PathLike[str]) -> str:
     else:
         path = Path(item)
         try:
-            size = path.stat().st_size
-            if size > MAX_TEXT_BYTES:
-                raise DataError(f"text file {path} has {size} bytes, more than the limit of {MAX_TEXT_BYTES}; split "
-                                "it into documents")
-            text = _decode(path.read_bytes(), f"text file {path}")
+            with open_input(path, "text file", ".txt files") as fh:  # a regular file, opened without blocking (never a FIFO)
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_TEXT_BYTES:
+                    raise DataError(f"text file {path} has {size} bytes, more than the limit of {MAX_TEXT_BYTES}; "
+                                    "split it into documents")
+                raw = fh.read()
+            text = _decode(raw, f"text file {path}")
         except FileNotFoundError as exc:
             raise DataError(f"text file {path} does not exist") from exc
         except IsADirectoryError as exc:

@@ -9,11 +9,25 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+import unicodedata
 from typing import Any
 
 import click
 
 from edgetl import __version__
+
+
+#: characters shown escaped in messages: controls (newline, carriage return, escape …), line and paragraph
+#: separators, lone surrogates (undecodable bytes of a file name) and the bidirectional overrides that reorder text
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u202e`` …), so that a message naming
+    a user's file is always exactly one line and cannot forge another ``error:`` line or recolour the terminal."""
+    return "".join(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if unicodedata.category(ch) in _ESCAPED_CATEGORIES or ch in _BIDI else ch for ch in text)
 
 
 class _Root(click.Group):
@@ -25,15 +39,16 @@ class _Root(click.Group):
         except EdgeTLError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line, not a traceback
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"error: unexpected {type(exc).__name__}: {first} (run with -v for the traceback)", err=True)
+            text = one_line(str(exc))
+            text = text if len(text) <= 300 else text[:300] + "…"
+            click.echo(f"error: unexpected {type(exc).__name__}: {text} (run with -v for the traceback)", err=True)
             sys.exit(1)
 
 

@@ -32,11 +32,17 @@ def _runtime_options(f: Any) -> Any:
     f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
                      help="Extractor precision (default: the profile's).")(f)
     f = click.option("--profile", default=None, help="Device profile (default: detected).")(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Runtime threads (default: the profile's, else all).")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, callback=_cap_threads,
+                     help="Runtime threads, at most the CPU cores here (default: the profile's, else all).")(f)
     f = click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
                      help="Public key (KEY.pub): refuse unsigned or badly signed bundles [env EDGETL_TRUST].")(f)
     return f
+
+
+def _cap_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    from edgetl.runtime.base import cap_threads
+
+    return cap_threads(value)
 
 
 def _open(bundle: Path, opts: dict[str, Any]) -> Any:

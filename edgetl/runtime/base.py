@@ -8,12 +8,16 @@ session once, and then serves any number of :meth:`embed` calls.
 
 from __future__ import annotations
 
+import logging
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
 import numpy.typing as npt
 
 from edgetl.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class FeatureExtractor(ABC):
@@ -32,3 +36,23 @@ def check_batch(batch: np.ndarray, size: int | None) -> np.ndarray:
         want = f"(N, 3, {size}, {size})" if size else "(N, 3, S, S)"
         raise DataError(f"extractor expects preprocessed input {want}, found {batch.shape}")
     return batch
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, so a container's or ``taskset``'s limit counts)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cap_threads(threads: int | None) -> int | None:
+    """``threads`` for a runtime session, at most :func:`available_cores` (more only makes every image slower and
+    loads the machine); capping is logged as a warning. ``None`` (the runtime's default) stays ``None``."""
+    if threads is None:
+        return None
+    cores = available_cores()
+    if threads > cores:
+        log.warning("%d threads asked for, but this machine has %d CPU cores; using %d", threads, cores, cores)
+        return cores
+    return threads
