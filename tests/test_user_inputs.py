@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ def test_predict_names_a_newline_file_on_one_line(bundle: Path, demo_train: Path
     res = CliRunner().invoke(main, ["device", "predict", str(bundle), str(bad)])
     assert res.exit_code == 1 and res.stderr.count("\n") == 1
     assert "a\\nerror: b.png is not a PNG, JPEG" in res.stderr
+    good = tmp_path / "c\nbag 1.000.png"
+    shutil.copy(next(demo_train.glob("bag/*.png")), good)
+    res = CliRunner().invoke(main, ["device", "predict", str(bundle), str(good)])
+    assert res.exit_code == 0 and res.stdout.count("\n") == 1 and "c\\nbag 1.000.png: " in res.stdout
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
+import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -16,13 +19,26 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from edgetl.cli import main
+from edgetl.cli import main, one_line
 from edgetl.demo import demo_split
 from edgetl.host.export import export
 from edgetl.signing import generate_keys, sign_bundle
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log records go to whatever ``sys.stderr`` is now (CliRunner swaps it per command), as the CLI's would."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def main_() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[_CurrentStderr()])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/bad-inputs.md"))
     args = ap.parse_args()
@@ -33,7 +49,7 @@ def main_() -> None:
     image = next(test.glob("bag/*.png"))
     rows: list[tuple[str, str, int, str]] = []
 
-    def case(what: str, prepare: Callable[[Path], list[str]], trained: bool = True) -> None:
+    def case(what: str, prepare: Callable[[Path], list[str]], trained: bool = True, show_stdout: bool = False) -> None:
         bundle = work / f"b{len(rows)}"
         shutil.copytree(pristine, bundle)
         if trained:
@@ -42,8 +58,10 @@ def main_() -> None:
         argv = prepare(bundle)
         res = CliRunner().invoke(main, argv)
         after = (bundle / "state" / "current").read_text() if (bundle / "state" / "current").exists() else None
-        shown = " ".join(a.replace(str(work), "…").replace(str(Path.cwd()) + "/", "./") for a in argv)
-        msg = res.stderr.strip().replace(str(work), "…").replace(str(Path.cwd()) + "/", "./").replace("|", "\\|")
+        shown = one_line(" ".join(a.replace(str(work), "…").replace(str(Path.cwd()) + "/", "./") for a in argv))
+        shown = shown.replace("|", "\\|")
+        msg = (res.stderr.strip() + "\n" + res.stdout.strip() if show_stdout else res.stderr.strip())
+        msg = msg.replace(str(work), "…").replace(str(Path.cwd()) + "/", "./").replace("|", "\\|")
         msg = " / ".join(line.strip() for line in msg.splitlines() if line.strip())
         state = "unchanged" if before == after else f"{before} → {after}"
         rows.append((what, f"`edgetl {shown}`", res.exit_code, f"{msg} *(current head {state})*"))
@@ -195,15 +213,81 @@ def main_() -> None:
     case("second trainer while one runs", locked)
     locked.proc.kill()  # type: ignore[attr-defined]
 
+    # ---- field hardening (issue 15): hostile images, user-given names, flags and manifest values
+    def poison(b: Path) -> list[str]:
+        from PIL import Image
+
+        Image.new("1", (9_000_000, 1)).save(work / "poison.png")  # 8.8 KB, under the pixel limit
+        return ["device", "predict", str(b), str(work / "poison.png")]
+    case("poison PNG, 9,000,000×1 pixels (8.8 KB)", poison)
+
+    def big_png(b: Path) -> list[str]:
+        from PIL import Image
+
+        Image.new("RGB", (8000, 8000)).save(work / "rgb64.png")
+        return ["device", "predict", str(b), str(work / "rgb64.png")]
+    case("64 MP RGB PNG (256 MB decoded, over the memory budget)", big_png)
+
+    def fifo(b: Path) -> list[str]:
+        os.mkfifo(work / "pipe.png")
+        return ["device", "predict", str(b), str(work / "pipe.png")]
+    case("a FIFO given to predict", fifo)
+    case("a folder given to predict", lambda b: ["device", "predict", str(b), str(test / "bag")])
+
+    def newline_name(b: Path) -> list[str]:
+        bad = work / "a\nerror: all good\x1b[2J.png"
+        bad.write_bytes(b"not an image")
+        return ["device", "predict", str(b), str(bad)]
+    case("file name with a newline and a terminal escape", newline_name)
+
+    def loop_class(b: Path) -> list[str]:
+        root = folder({"bag": 5, "coat": 5})
+        (root / "loop").symlink_to(root)
+        return ["device", "train", str(b), "--data", str(root), "--quiet"]
+    case("class folder that is a symlink loop", loop_class)
+    case("rollback to a path outside state/", lambda b: ["device", "rollback", str(b), "--to", "../../../x"])
+    case("--threads 10000 (warned, capped at the cores)",
+         lambda b: ["device", "predict", str(b), str(image), "--threads", "10000"], show_stdout=True)
+
+    def manifest_value(key: str, value: object) -> Callable[[Path], list[str]]:
+        def go(b: Path) -> list[str]:
+            m = json.loads((b / "manifest.json").read_text())
+            target = m["preprocessing"] if key in m["preprocessing"] else m
+            target[key] = value
+            (b / "manifest.json").write_text(json.dumps(m))
+            return ["device", "info", str(b)]
+        return go
+    case("manifest feature_dim 10^30", manifest_value("feature_dim", 10 ** 30))
+    case("manifest input_size 50000", manifest_value("input_size", 50_000))
+    case("manifest std with a zero", manifest_value("std", [0.229, 0.0, 0.225]))
+
+    def exif(b: Path) -> list[str]:
+        from PIL import Image
+
+        upright = Image.open(image).convert("RGB")
+        sideways = upright.transpose(Image.Transpose.ROTATE_90)  # stored sideways, as a phone does
+        tag = Image.Exif()
+        tag[0x0112] = 6  # "rotate 90° clockwise to view"
+        sideways.save(work / "sideways.jpg", exif=tag, quality=95)
+        upright.save(work / "upright.jpg", quality=95)
+        return ["device", "predict", str(b), str(work / "upright.jpg"), str(work / "sideways.jpg")]
+    case("phone photo stored sideways with EXIF orientation 6 (same label as upright)", exif, show_stdout=True)
+
     lines = ["# Bad inputs and what the user sees", "",
              "Every row was produced by `python tools/bad_inputs_table.py` through the real CLI (click's CliRunner) on "
              "a real MobileNetV2 bundle; paths are shortened to `…`. Exit code 1 is an error edgetl detected; 2 is a "
              "bad flag. Corrupt or zero-byte images **fail** the command (naming the file) rather than being "
-             "skipped, so a training set is never silently smaller than the user thinks; the current head is kept.",
+             "skipped, so a training set is never silently smaller than the user thinks; the current head is kept. "
+             "Control characters in names are shown escaped (`\\n`, `\\x1b`), so every error is one line; where a "
+             "command succeeds, its output follows the warnings. How much memory decoding any image may take is "
+             "measured in [Image decoding budget](#image-decoding-budget) below.",
              "", "| bad input | command | exit | what the user sees |", "|---|---|---|---|"]
     lines += [f"| {w} | {c} | {code} | {m} |" for w, c, code, m in rows]
+    # sections after the table (e.g. "Image decoding budget", from tools/image_budget.py) are kept
+    old = args.out.read_text().split("\n") if args.out.exists() else []
+    kept = next((old[i:] for i, line in enumerate(old) if line.startswith("## ")), [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n" + ("\n" + "\n".join(kept).rstrip("\n") + "\n" if kept else ""))
     print(f"wrote {args.out} ({len(rows)} cases)")
 
 

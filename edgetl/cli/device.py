@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from edgetl.cli import one_line
 from edgetl.cli._progress import progress_bars
 
 _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
@@ -120,7 +121,7 @@ def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, **
             click.echo(json.dumps(r))
         else:
             ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
-            click.echo(f"{r['path']}: {ranked}")
+            click.echo(f"{one_line(r['path'])}: {ranked}")  # a newline in a file name cannot forge a line
 
 
 @device.command()
