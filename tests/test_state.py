@@ -101,6 +101,33 @@ def test_full_disk_keeps_the_previous_head(bundle: Path, demo_train: Path, monke
     assert rt.current_version() == "v0001" and rt.state.versions() == ["v0001"]
 
 
+def test_a_reader_started_during_train_never_wipes_the_store(bundle: Path, demo_train: Path, demo_test: Path,
+                                                              tmp_path: Path) -> None:
+    """The field bug: `device drift` opened the store, `device train` saved its embeddings and a new head, then drift
+    saved its stale copy — the new head's training embeddings were gone and every later --incremental, add-class,
+    remove-class and field-learning run failed. The store now merges, so the reader adds its rows and loses none."""
+    first = make_folder(tmp_path / "a", {"bag": 8, "coat": 8, "dress": 8}, demo_train)
+    later = make_folder(tmp_path / "b", {"bag": 8, "sandal": 8}, demo_train)  # 8 new sandal images
+    DeviceRuntime(bundle).train(first)
+    reader, writer = DeviceRuntime(bundle), DeviceRuntime(bundle)
+    embed = reader.embed_items
+    trained = []
+
+    def train_meanwhile(items: list) -> object:  # drift is embedding (its store is open) when train runs to the end
+        if not trained:
+            trained.append(writer.train(later, incremental=True, force=True))
+        return embed(items)
+
+    reader.embed_items = train_meanwhile  # type: ignore[method-assign]
+    reader.drift(demo_test / "shirt")
+    assert trained and trained[0].version == "v0002"
+    rt = DeviceRuntime(bundle)
+    _, keys, _, classes = rt._training_set()  # every training embedding of the new head is still stored
+    assert len(keys) == 32 and "sandal" in classes  # the 8 bag images are the same ones
+    assert rt.add_class("trouser", demo_train / "trouser").version == "v0003"
+    assert rt.store_info()["files"][0]["embeddings"] >= 32 + 30 + len(list((demo_test / "shirt").glob("*.png")))
+
+
 def _kill_trials(bundle: Path, data: Path, trials: int, seed: int) -> list[str]:
     """Start `device train`, kill -9 it at a random moment, check the state; returns the versions seen."""
     rng = random.Random(seed)
