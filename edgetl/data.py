@@ -180,7 +180,7 @@ class DecodeBudget:
 #: bytes per pixel in Pillow's memory; modes not listed take 4 (RGB, RGBA, CMYK, LA, PA, YCbCr, I, F …)
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 #: peak memory of a format's decoder in multiples of the decoded image (WebP: libwebp's canvases and frame, then
-#: Pillow's copy; measured 3.9); a TIFF adds one strip or tile (see :func:`_strip_pixels`)
+#: Pillow's copy; measured 3.9); a compressed TIFF adds one strip or tile (see :func:`_strip_pixels`)
 _DECODER_FACTOR = {"WEBP": 4.0}
 #: EXIF orientation → the transposition that shows the image upright (the table of Pillow's ImageOps.exif_transpose)
 _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
@@ -291,7 +291,7 @@ def _check_memory(image: Any, full: tuple[int, int], path: Path, budget: DecodeB
     width, height = full
     pixel_bytes = _PIXEL_BYTES.get(image.mode, 4)
     need = image.size[0] * image.size[1] * pixel_bytes * _DECODER_FACTOR.get(image.format, 1.0)
-    if image.format == "TIFF":  # libtiff decodes a whole strip (or tile) into a buffer first
+    if image.format == "TIFF" and image.info.get("compression") != "raw":  # libtiff decodes a strip into a buffer
         need += _strip_pixels(image) * pixel_bytes
     layers = getattr(image, "layer", None)
     if image.format in ("JPEG", "MPO") and image.info.get("progressive") and layers:
