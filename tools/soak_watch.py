@@ -7,6 +7,14 @@ CLI runs as a subprocess; sample its RSS; check count in = count out, no file tw
 Without --bundle a bundle is exported (needs the host extra) and a head trained on the demo training images. Half the
 images are written in place (the watcher waits for them to settle), half written as *.part and renamed into place.
 RSS "start" is taken once --warmup images are recorded (runtime session and buffers created), "end" once all are.
+
+With --hostile F a fraction F of the items is hostile, in equal parts: undecodable files (random bytes, a truncated
+PNG, empty; each must get one "failed" line and land in INBOX/_failed), links named like images (to an image outside
+the inbox and to /dev/zero; never recorded, never followed — the outside image must be untouched), FIFOs named like
+images (never opened), slow writes (half the image, a pause longer than --settle, then the rest; must end "ok", not
+failed) and renames (written under one image name, renamed to another 0.1 s later; the final name must be recorded).
+
+    python tools/soak_watch.py --bundle B --images 10000 --hostile 0.2 --report docs/results/soak_watch_hostile.json
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ def main() -> None:
     ap.add_argument("--wait-load", type=float, default=1.0, help="wait (up to 10 min) for the 1-min load below this")
     ap.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "soak_watch.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hostile", type=float, default=0.0, help="fraction of hostile items (see above)")
+    ap.add_argument("--stall", type=float, default=0.6, help="pause of a slow writer (s; between settle and 2 settle)")
     args = ap.parse_args()
 
     waited = 0.0
@@ -81,7 +91,11 @@ def main() -> None:
     sources = sorted(DEMO_ROOT.glob("*/*/*.png"))
     import numpy as np
 
-    order = np.random.default_rng(args.seed).integers(0, len(sources), size=args.images)
+    rng = np.random.default_rng(args.seed)
+    order = rng.integers(0, len(sources), size=args.images)
+    hostile_kinds = ["bad", "link", "fifo", "slow", "rename"]
+    kinds = [str(rng.choice(hostile_kinds)) if rng.random() < args.hostile else "good" for _ in range(args.images)]
+    junk = [rng.bytes(int(n)) for n in rng.integers(1, 4000, size=16)]
 
     work = Path(tempfile.mkdtemp(prefix="edgetl-soak-"))
     try:
@@ -104,11 +118,40 @@ def main() -> None:
                 samples.append((time.monotonic(), count_lines(journal), rss_mb(proc.pid)))
                 stop.wait(0.5)
 
+        outside = work / "outside"
+        outside.mkdir()
+        victim = outside / "victim.png"
+        shutil.copyfile(sources[0], victim)
+        victim_before = (victim.read_bytes(), victim.stat().st_mtime_ns)
+        timers: list[threading.Timer] = []
+
+        def finish(path: Path, rest: bytes) -> None:
+            with open(path, "ab") as fh:
+                fh.write(rest)
+
         def write() -> None:
             t0 = time.monotonic()
             for i, k in enumerate(order):
                 name = f"img{i:05d}.png"
-                if i % 2:
+                kind = kinds[i]
+                if kind == "bad":
+                    data = sources[k].read_bytes()
+                    payload = [junk[i % len(junk)], data[: len(data) // 3], b""][i % 3]
+                    (inbox / name).write_bytes(payload)
+                elif kind == "link":
+                    os.symlink(victim if i % 2 else "/dev/zero", inbox / name)
+                elif kind == "fifo":
+                    os.mkfifo(inbox / name)
+                elif kind == "slow":
+                    data = sources[k].read_bytes()
+                    (inbox / name).write_bytes(data[: len(data) // 2])
+                    timer = threading.Timer(args.stall, finish, (inbox / name, data[len(data) // 2:]))
+                    timer.start()
+                    timers.append(timer)
+                elif kind == "rename":
+                    shutil.copyfile(sources[k], inbox / f"tmp{i:05d}.png")
+                    threading.Timer(0.1, os.replace, (inbox / f"tmp{i:05d}.png", inbox / name)).start()
+                elif i % 2:
                     shutil.copyfile(sources[k], inbox / name)
                 else:
                     shutil.copyfile(sources[k], inbox / f"{name}.part")
@@ -123,13 +166,21 @@ def main() -> None:
         sampler.start()
         writer.start()
         rss_start = t_warm = n_warm = None
+        expected_ok = [f"img{i:05d}.png" for i in range(args.images) if kinds[i] in ("good", "slow", "rename")]
+        expected_failed = [f"img{i:05d}.png" for i in range(args.images) if kinds[i] == "bad"]
+        never = [f"img{i:05d}.png" for i in range(args.images) if kinds[i] in ("link", "fifo")]
+        n_expected = len(expected_ok) + len(expected_failed)
         deadline = time.monotonic() + max(600.0, args.images / 5)
+        last_parse = 0.0
         while time.monotonic() < deadline and proc.poll() is None:
             n = count_lines(journal)
             if rss_start is None and n >= args.warmup:
                 rss_start, t_warm, n_warm = rss_mb(proc.pid), time.monotonic(), n
-            if n >= args.images:
-                break
+            if n >= n_expected and time.monotonic() - last_parse > 1.0:
+                last_parse = time.monotonic()
+                recorded = {json.loads(line)["file"] for line in journal.read_text().splitlines()}
+                if recorded >= {*expected_ok, *expected_failed}:
+                    break
             time.sleep(0.05)
         t_end = time.monotonic()
         writer.join()
@@ -141,11 +192,19 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
         stop.set()
+        for timer in timers:
+            timer.join()
         records = [json.loads(line) for line in journal.read_text().splitlines()]
+        transient = [r["file"] for r in records if r["file"].startswith("tmp")]  # renamed after it was classified
+        records = [r for r in records if not r["file"].startswith("tmp")]
         files = [r["file"] for r in records]
-        left = sorted(p.name for p in inbox.glob("*.png"))
-        done = sorted(p.name for p in (work / "done").glob("*.png")) if args.move_done else left
-        expected = [f"img{i:05d}.png" for i in range(args.images)]
+        ok_files = sorted(r["file"] for r in records if r["status"] == "ok")
+        failed_files = sorted(r["file"] for r in records if r["status"] == "failed")
+        left = sorted(p.name for p in inbox.glob("img*.png") if p.is_file() and not p.is_symlink())
+        done = sorted(p.name for p in (work / "done").glob("*.png")) if args.move_done else \
+            sorted(set(left) - set(never))
+        in_failed = sorted(p.name for p in (inbox / "_failed").glob("*.png"))
+        expected = sorted(expected_ok)
         samples = [s for s in samples if s[0] <= t_end]  # before SIGTERM (the exiting process frees memory)
         rss_series = [s[2] for s in samples]
         marks, by_images = [args.images * k // 10 for k in range(1, 11)], []
@@ -157,7 +216,17 @@ def main() -> None:
         result = {
             "images_in": args.images, "lines_out": len(records), "distinct_files_out": len(set(files)),
             "failed": sum(r["status"] != "ok" for r in records),
-            "count_in_equals_count_out": sorted(files) == expected and done == expected,
+            "count_in_equals_count_out": (len(files) == len(set(files)) and ok_files == expected and done == expected
+                                          and failed_files == sorted(expected_failed)
+                                          and in_failed == sorted(expected_failed)
+                                          and not set(files) & set(never)),
+            "hostile_fraction": args.hostile,
+            "items_by_kind": {k: kinds.count(k) for k in ["good", *hostile_kinds]},
+            "expected_ok": len(expected_ok), "expected_failed": len(expected_failed),
+            "ok_out": len(ok_files), "failed_out": len(failed_files), "in_failed_folder": len(in_failed),
+            "links_and_fifos_recorded": len(set(files) & set(never)),
+            "transient_rename_names_recorded": len(transient),
+            "outside_file_untouched": (victim.read_bytes(), victim.stat().st_mtime_ns) == victim_before,
             "watch_exit_code_on_sigterm": proc.returncode,
             "wall_s": round(t_end - t_start, 1),
             "images_per_s_overall": round(len(records) / (t_end - t_start), 1),
@@ -181,6 +250,7 @@ def main() -> None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(result, indent=2) + "\n")
         ok = (result["count_in_equals_count_out"] and result["watch_exit_code_on_sigterm"] == 0
+              and result["outside_file_untouched"]
               and result["rss_growth_mb"] is not None and result["rss_growth_mb"] < 10)
         sys.exit(0 if ok else 1)
     finally:

@@ -64,8 +64,8 @@ def watch(bundle: Path, inbox: Path, out: Path | None, move_done: Path | None, i
     """Classify every image that lands in INBOX, exactly once, even across restarts and kill -9.
 
     Files are read once complete (size and mtime still for --settle seconds); dotfiles and *.part / *.tmp are
-    ignored; unreadable images go to INBOX/_failed/ with a .reason file. SIGTERM / SIGINT: finish the batch, flush,
-    exit 0."""
+    ignored; links are never followed; unreadable images go to INBOX/_failed/ with a .reason file (with --settle > 0
+    after a second try one settle window later). SIGTERM / SIGINT: finish the batch, flush, exit 0."""
     from edgetl.watch import InboxWatcher
 
     last = [0.0]
@@ -101,7 +101,9 @@ def watch(bundle: Path, inbox: Path, out: Path | None, move_done: Path | None, i
         else:
             watcher.run(stop)
         stats = watcher.stats.as_dict()
-    click.echo(f"processed {stats['processed']} images ({stats['failed']} set aside) in {stats['elapsed_s']:.1f} s"
+    retried = f", {stats['retried']} retried after a failed read" if stats["retried"] else ""
+    click.echo(f"processed {stats['processed']} images ({stats['failed']} set aside{retried}) in "
+               f"{stats['elapsed_s']:.1f} s"
                f"{' (stopped by signal)' if stop.is_set() else ''}", err=True)
 
 
