@@ -82,6 +82,12 @@ def kit_target(profile: str, extra: str | None = None, python: str | None = None
             "backends": list(prof.backends)}
 
 
+def lock_file() -> Path | None:
+    """The repository's lock of exact versions (requirements/lock.txt), when edgetl runs from a source checkout."""
+    path = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+    return path if path.is_file() else None
+
+
 def _project_root() -> Path:
     root = Path(__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():
@@ -123,7 +129,8 @@ if [ "$have" != "{python}" ]; then
   exit 1
 fi
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --no-index --find-links "$KIT/wheels" "edgetl[{extra}]=={version}"
+pins=""; [ -f "$KIT/constraints.txt" ] && pins="-c $KIT/constraints.txt"
+"$VENV/bin/python" -m pip install --no-index --find-links "$KIT/wheels" $pins "edgetl[{extra}]=={version}"
 "$VENV/bin/edgetl" device install "$KIT/bundle.tar.gz" "$DEST"
 "$VENV/bin/edgetl" device verify "$DEST" --profile {profile}
 echo "installed: $VENV/bin/edgetl, bundle in $DEST"
@@ -164,6 +171,10 @@ def build_kit(bundle: str | os.PathLike[str], out: str | os.PathLike[str], profi
            "--python-version", target["python"], "--implementation", "cp"]
     for tag in target["platforms"]:
         cmd += ["--platform", tag]
+    lock = lock_file()
+    if lock is not None:  # the device gets the versions the tests and the recorded figures used
+        shutil.copy(lock, out / "constraints.txt")
+        cmd += ["-c", str(lock)]
     _run(cmd + [f"{wheel_path}[{target['extra']}]"],
          f"pip download of edgetl[{target['extra']}] for {target['profile']}")
     install = out / "install.sh"

