@@ -217,12 +217,19 @@ class Bundle:
         return self._member(name)
 
     def golden(self, entry: ExtractorEntry) -> tuple[np.ndarray, np.ndarray, dict[str, float]] | None:
-        """Reference inputs ``(K, 3, S, S)``, the host's output of ``entry``'s graph ``(K, D)`` and the tolerance."""
+        """Reference inputs ``(K, 3, S, S)``, what the device's output of ``entry``'s graph is compared with ``(K, D)``
+        and the tolerance. FP32 graphs: PyTorch's output. Reduced-precision graphs of current bundles name
+        ``compare_to: pytorch`` (the FP32 reference, within a cosine bound measured at export); older bundles compare
+        with the host's own output of the graph (``key``)."""
         meta, spec = self.manifest.get("golden"), entry.raw.get("golden")
         if not meta or not spec:
             return None
+        expected = spec.get("compare_to", spec["key"])
+        if not isinstance(expected, str):
+            raise BundleError(f"golden vectors of {entry.file}: compare_to must be a key of {meta['file']}; "
+                              "re-export the bundle")
         inputs, outputs = self._arrays(meta["file"], f"golden vectors of {entry.file}",
-                                       meta.get("inputs", "inputs"), spec["key"])
+                                       meta.get("inputs", "inputs"), expected)
         return inputs, outputs, dict(spec["tolerance"])
 
     def reference(self, entry: ExtractorEntry) -> np.ndarray | None:

@@ -634,6 +634,10 @@ class DeviceRuntime:
         inputs, expected, tolerance = golden
         from edgetl.metrics import compare_embeddings
 
+        spec = self.entry.raw["golden"]
+        compared_to = "the FP32 reference" if spec.get("compare_to", spec["key"]) == "pytorch" else \
+            "the host's output of this graph"
+
         try:
             report = compare_embeddings(expected, extractor.embed(inputs))
         except DataError as exc:
@@ -641,9 +645,11 @@ class DeviceRuntime:
                 from exc
         if report["max_abs_diff"] > tolerance.get("max_abs", np.inf) or report["min_cosine"] < tolerance["min_cosine"]:
             raise BundleError(f"golden vectors fail for {self.entry.file} on this device's {self.backend} runtime: max "
-                              f"abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} (limits "
-                              f"{tolerance}); the runtime or the extractor file is wrong for this bundle")
-        return {"golden": "ok", "n": int(len(inputs)), "extractor": self.entry.file} | report
+                              f"abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} to "
+                              f"{compared_to} (limits {tolerance}); the runtime or the extractor file is wrong for this "
+                              "bundle")
+        return {"golden": "ok", "n": int(len(inputs)), "extractor": self.entry.file, "compared_to": compared_to} | \
+            report
 
     def info(self) -> dict[str, Any]:
         m = self.bundle.manifest

@@ -26,7 +26,7 @@ def quant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("q") / "bundle"
     return export(out, demo_split("train"), model="mobilenet_v2", precisions=("fp32", "fp16", "int8"),
-                  image_size=SMALL, calib_size=64, max_drop=5.0)
+                  image_size=SMALL, calib_size=64)
 
 
 def test_int8_and_fp16_graphs(quant_bundle: Path) -> None:
@@ -36,11 +36,38 @@ def test_int8_and_fp16_graphs(quant_bundle: Path) -> None:
     fp32, fp16, int8 = (entries["onnx", p]["report"] for p in ("fp32", "fp16", "int8"))
     assert int8["size_bytes"] <= 0.35 * fp32["size_bytes"]
     assert fp16["size_bytes"] <= 0.55 * fp32["size_bytes"]
-    assert fp16["min_cosine"] > 0.999 and int8["mean_cosine"] > 0.98
-    assert int8["top1_agreement"] > 0.85
+    assert fp16["min_cosine"] > 0.999
+    # the issue's targets on held-out images, at the default gate: faithful to FP32, not only accurate when retrained
+    assert int8["mean_cosine"] >= 0.97 and int8["top1_agreement"] >= 0.95 and int8["drop_points"] <= 1.0, int8
     q = entries["onnx", "int8"]["quantization"]
     assert q["per_channel"] is True and q["format"] == "QDQ" and q["calibration_images"] == manifest["validation"]["calibration_images"] >= 60
+    # uint8 x uint8: no int16 saturation on x86 CPUs without VNNI; the sensitivity trials are recorded
+    assert (q["weights"], q["activations"]) == ("uint8", "uint8") and q["sensitivity"][0]["float_convs"] == 0
     assert all(r["passed"] for r in (fp32, fp16, int8))
+    # every number of the gate against its limit, and the limits in the manifest
+    names = {c["name"] for c in int8["checks"]}
+    assert {"mean cosine to FP32", "reference-head agreement", "accuracy drop points"} <= names
+    assert all(c["ok"] for c in int8["checks"])
+    assert manifest["validation"]["gate"] == {"max_drop": 1.0, "min_mean_cosine": 0.97, "min_agreement": 0.95}
+
+
+def test_int8_golden_vectors_compare_with_fp32(quant_bundle: Path) -> None:
+    """A reduced-precision graph's golden check is against the FP32 reference within the bound measured at export
+    (another CPU's integer kernels round differently), not against the host's own INT8 output."""
+    from edgetl.bundle import Bundle
+    from edgetl.host.gate import GOLDEN_MARGIN, row_cosines
+
+    bundle = Bundle.load(quant_bundle)
+    entry = bundle.extractor("onnx", "int8")
+    golden = entry.raw["golden"]
+    assert golden["compare_to"] == "pytorch" and golden["key"] == "extractor_int8_onnx"
+    _, expected, tolerance = bundle.golden(entry)
+    with np.load(quant_bundle / "golden.npz") as data:
+        assert np.array_equal(expected, data["pytorch"])
+        host = data["extractor_int8_onnx"]
+    measured = row_cosines(expected, host).min()
+    assert tolerance["min_cosine"] == pytest.approx(measured - GOLDEN_MARGIN, abs=1e-4)
+    assert "max_abs" not in tolerance
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
@@ -57,7 +84,10 @@ def test_device_runs_each_precision(quant_bundle: Path, precision: str, tmp_path
     rt.train(demo_split("train"))
     assert rt.evaluate(demo_split("test"))["accuracy"] > 0.5
     # embeddings of another extractor never mix: the store keeps one file per extractor hash
-    assert len(list((bundle / "state" / "store").glob("*.npz"))) == 1
+    from edgetl.store import store_path
+
+    stores = [p for p in (bundle / "state" / "store").iterdir() if p.suffix == store_path(Path(), "0" * 64).suffix]
+    assert stores == [store_path(bundle / "state" / "store", rt.bundle.sha256(rt.entry.file))]
     with pytest.raises(Exception, match="another extractor"):
         DeviceRuntime(bundle, backend="onnx", precision="fp32").predict([next(demo_split("test").glob("*/*.png"))])
 
@@ -77,18 +107,80 @@ def _garbage_converter(ctx: Any, out: Path) -> dict[str, Any]:
     return {"tool": "test"}
 
 
+def _permuted_converter(ctx: Any, out: Path) -> dict[str, Any]:
+    """A 'quantized' graph that keeps every bit of information but not the embedding: the FP32 graph with its
+    features shuffled. A head retrained on it is exactly as accurate as on FP32 (the softmax head standardises each
+    feature); a head trained on FP32 embeddings is not."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(ctx.onnx_fp32))
+    dim = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    q = np.eye(dim, dtype=np.float32)[np.random.default_rng(0).permutation(dim)]
+    model.graph.initializer.append(numpy_helper.from_array(q, "rotation"))
+    out_name = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [o if o != out_name else "unrotated" for o in node.output]
+    model.graph.node.append(helper.make_node("MatMul", ["unrotated", "rotation"], [out_name]))
+    onnx.save(model, str(out))
+    return {"tool": "test"}
+
+
+def test_gate_refuses_a_faithless_graph_a_retrained_head_would_accept(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgetl.host import convert
+    from edgetl.demo import demo_split
+    from edgetl.host.export import QuantizationAccuracyError, export
+
+    monkeypatch.setitem(convert.CONVERTERS, ("onnx", "int8"), ("tests.test_onnx_quant", "_permuted_converter",
+                                                               "extractor.int8.onnx", "host"))
+    with pytest.raises(QuantizationAccuracyError, match="onnx/int8 failed: mean cosine to FP32") as info:
+        export(tmp_path / "b", demo_split("train"), model="mobilenet_v2", precisions=("int8",), image_size=SMALL,
+               calib_size=20, eval_size=100)
+    report = info.value.report[0]
+    assert report["drop_points"] <= 1.0  # the old gate (retrained-head accuracy only) would have passed it
+    assert report["mean_cosine"] < 0.9 and report["top1_agreement"] < 0.95
+    checks = {c["name"]: c for c in report["checks"]}
+    assert not checks["mean cosine to FP32"]["ok"] and checks["accuracy drop points"]["ok"]
+
+
+def test_int8_golden_check_refuses_a_wrong_graph(quant_bundle: Path, tmp_path: Path) -> None:
+    """Swap the INT8 graph for a faithless one (same inputs and outputs) and re-hash the manifest: the golden check
+    against the FP32 reference refuses it on the device."""
+    import shutil
+
+    from edgetl.bundle import file_entry
+    from edgetl.device import DeviceRuntime
+    from edgetl.errors import BundleError
+    from edgetl.host.convert import ExportContext
+
+    bundle = Path(shutil.copytree(quant_bundle, tmp_path / "b"))
+    ctx = ExportContext(None, bundle / "extractor.onnx", SMALL, np.zeros((1, 3, SMALL, SMALL), np.float32),
+                        tmp_path)  # type: ignore[arg-type]
+    _permuted_converter(ctx, bundle / "extractor.int8.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["extractor.int8.onnx"] = file_entry(bundle / "extractor.int8.onnx")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="golden vectors fail for extractor.int8.onnx .* to the FP32 reference"):
+        DeviceRuntime(bundle, backend="onnx", precision="int8").verify()
+
+
 def test_gate_refuses_a_graph_that_lost_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgetl.host.convert as convert
+    from edgetl.host import convert
     from edgetl.demo import demo_split
     from edgetl.host.export import QuantizationAccuracyError, export
 
     monkeypatch.setitem(convert.CONVERTERS, ("onnx", "fp16"), ("tests.test_onnx_quant", "_garbage_converter",
                                                                "extractor.fp16.onnx", "host"))
-    with pytest.raises(QuantizationAccuracyError, match="onnx/fp16 accuracy drop") as info:
+    with pytest.raises(QuantizationAccuracyError, match="onnx/fp16 failed: .*accuracy drop points") as info:
         export(tmp_path / "b", demo_split("train"), model="mobilenet_v2", precisions=("fp16",), image_size=SMALL,
                calib_size=20, eval_size=100)
     assert info.value.report[0]["drop_points"] > 1.0
-    assert not (tmp_path / "b").exists()  # nothing half-written is left as a bundle
+    # the bundle is written with what passed: the FP32 graph, never discarded for a failed one
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [(e["format"], e["precision"]) for e in manifest["extractors"]] == [("onnx", "fp32")]
+    assert info.value.bundle == tmp_path / "b" and not (tmp_path / "b" / "extractor.fp16.onnx").exists()
+    assert "extractor.fp16.onnx" not in manifest["files"]
     # --keep-failed keeps it, marked failed; the device never picks it unless asked by name
     bundle = export(tmp_path / "k", demo_split("train"), model="mobilenet_v2", precisions=("fp16",),
                     image_size=SMALL, calib_size=20, eval_size=100, keep_failed=True)
@@ -100,7 +192,7 @@ def test_gate_refuses_a_graph_that_lost_accuracy(tmp_path: Path, monkeypatch: py
 
 
 def test_cli_export_refusal_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgetl.host.convert as convert
+    from edgetl.host import convert
     from edgetl.cli import main
 
     monkeypatch.setitem(convert.CONVERTERS, ("onnx", "int8"), ("tests.test_onnx_quant", "_garbage_converter",
@@ -109,4 +201,6 @@ def test_cli_export_refusal_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
                                     "int8", "--image-size", str(SMALL), "--calib-size", "20", "--quiet"])
     assert res.exit_code == 1
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "export refused: onnx/int8" in lines[0]
+    assert len(lines) == 1 and "without the failed graphs (onnx/int8 failed:" in lines[0], lines
+    # the table on stdout shows what was written; the FP32 graph is there
+    assert "onnx/fp32" in res.stdout and (tmp_path / "b" / "extractor.onnx").is_file()

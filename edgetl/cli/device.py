@@ -186,7 +186,7 @@ def verify(bundle: Path, **opts: Any) -> None:
         click.echo(f"{bundle}: files ok; no golden vectors packed")
     else:
         click.echo(f"{bundle}: files ok; golden vectors of {result['extractor']} ok on this device (max abs diff "
-                   f"{result['max_abs_diff']:.2e}, min cosine {result['min_cosine']:.6f})")
+                   f"{result['max_abs_diff']:.2e}, min cosine {result['min_cosine']:.6f} to {result['compared_to']})")
 
 
 @device.command()

@@ -65,7 +65,13 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
               help="Images used to calibrate INT8; the rest are held out for the gate.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Largest accuracy drop (points) a reduced-precision graph may show against PyTorch FP32.")
-@click.option("--keep-failed", is_flag=True, help="Keep graphs that fail the gate, marked failed.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=0.97, show_default=True,
+              help="Smallest mean cosine of a reduced-precision graph's embeddings to PyTorch FP32 (held-out images).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Smallest top-1 agreement of the FP32 reference head on a reduced-precision graph's embeddings.")
+@click.option("--keep-failed", is_flag=True,
+              help="Keep graphs that fail the gate, marked failed (exit 0); without it they are left out and export "
+                   "exits 1 naming them.")
 @click.option("--profile", default=None, help="Device profile (devices/*.toml) choosing default formats/precision.")
 @click.option("--image-size", type=click.IntRange(min=32), default=None, help="Input size (pretrained export only).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
@@ -77,7 +83,8 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
               help="Ed25519 private key (edgetl keys generate) to sign the bundle with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[str, ...], precisions: tuple[str, ...],
-           calib: Path | None, calib_size: int, max_drop: float, keep_failed: bool, profile: str | None,
+           calib: Path | None, calib_size: int, max_drop: float, min_cosine: float, min_agreement: float,
+           keep_failed: bool, profile: str | None,
            image_size: int | None, opset: int, features: str, force: bool, sign_key: Path | None, quiet: bool) -> None:
     """Export the frozen feature extractor (ONNX FP32 reference + every format/precision asked for), gate each graph
     on accuracy against PyTorch, and pack a bundle."""
@@ -96,10 +103,19 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
         calib = Path(json.loads((run_dir / "run.json").read_text())["data"])
     if calib is None or not calib.exists():  # a folder, or a text,label CSV for a text encoder
         calib = demo_split("train")
+    from edgetl.host.export import QuantizationAccuracyError
+
+    refused: QuantizationAccuracyError | None = None
     with progress_bars(not quiet) as progress:
-        bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",), precisions=precisions,
-                            calib_size=calib_size, max_drop=max_drop, keep_failed=keep_failed, image_size=image_size,
-                            opset=opset, force=force, features=features, progress=progress)
+        try:
+            bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",),
+                                precisions=precisions, calib_size=calib_size, max_drop=max_drop, min_cosine=min_cosine,
+                                min_agreement=min_agreement, keep_failed=keep_failed, image_size=image_size,
+                                opset=opset, force=force, features=features, progress=progress)
+        except QuantizationAccuracyError as exc:  # the bundle holds the graphs that passed: finish it, then exit 1
+            if exc.bundle is None:
+                raise
+            bundle, refused = exc.bundle, exc
     if sign_key is not None:
         from edgetl.signing import sign_bundle
 
@@ -111,3 +127,5 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
     click.echo(extractor_table(manifest["extractors"]))
     if sign_key is not None:
         click.echo(f"signed with {sign_key} ({bundle / 'manifest.sig'})")
+    if refused is not None:
+        raise refused

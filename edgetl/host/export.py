@@ -28,6 +28,7 @@ from edgetl.heads import DepthHead, SoftmaxHead
 from edgetl.host.backbone import Backbone, MultiDepth, build_backbone, feature_groups
 from edgetl.host.convert import ExportContext, converter
 from edgetl.host.finetune import load_run
+from edgetl.host.gate import FP32_TOLERANCE, Gate, GateLimits, embed_batches, golden_spec
 from edgetl.metrics import compare_embeddings
 from edgetl.preprocess import preprocess_batch
 from edgetl.registry import BackboneSpec, Preprocessing, get_backbone
@@ -36,11 +37,6 @@ from edgetl.runtime import load_extractor
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
-#: FP32 parity with PyTorch on every held-out image
-FP32_TOLERANCE = {"max_abs": 1e-3, "min_cosine": 0.9999}
-#: device-side golden check: the device's runtime must reproduce the host's output of the same graph
-GOLDEN_TOLERANCE = {"fp32": {"max_abs": 1e-3, "min_cosine": 0.9999}, "fp16": {"min_cosine": 0.999},
-                    "int8": {"min_cosine": 0.99}}
 GOLDEN_COUNT = 2
 #: held-out embeddings kept in the bundle per extractor: the device compares its local data with them (edgetl.domain)
 REFERENCE_COUNT = 256
@@ -48,11 +44,13 @@ Progress = Callable[[str, int, int], None]
 
 
 class QuantizationAccuracyError(ExportValidationError):
-    """A reduced-precision graph lost more accuracy than allowed; ``report`` holds the per-graph figures."""
+    """A reduced-precision graph failed the gate; ``report`` holds the per-graph figures and ``bundle`` the bundle
+    written with the graphs that passed (None when nothing was written)."""
 
-    def __init__(self, message: str, report: list[dict[str, Any]]):
+    def __init__(self, message: str, report: list[dict[str, Any]], bundle: Path | None = None):
         super().__init__(message)
         self.report = report
+        self.bundle = bundle
 
 
 def export_onnx(features: torch.nn.Module, path: Path, input_size: int, opset: int = 17) -> None:
@@ -132,8 +130,8 @@ def validate_onnx(features: torch.nn.Module, path: Path, batch: np.ndarray,
     :class:`ExportValidationError` when they differ."""
     if reference is None:
         with torch.no_grad():
-            reference = _embed(lambda b: features.eval()(torch.from_numpy(b)).numpy(), batch)
-    report = compare_embeddings(reference, _embed(load_extractor("onnx", path).embed, batch)) | \
+            reference = embed_batches(lambda b: features.eval()(torch.from_numpy(b)).numpy(), batch)
+    report = compare_embeddings(reference, embed_batches(load_extractor("onnx", path).embed, batch)) | \
         {"n_images": int(len(batch))}
     if report["max_abs_diff"] > tolerance["max_abs"] or report["min_cosine"] < tolerance["min_cosine"]:
         raise ExportValidationError(
@@ -141,57 +139,6 @@ def validate_onnx(features: torch.nn.Module, path: Path, batch: np.ndarray,
             f"{tolerance['max_abs']:.0e}), min cosine {report['min_cosine']:.6f} (limit {tolerance['min_cosine']}); "
             "check the opset and the model's export support")
     return report
-
-
-def _embed(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def _cv_accuracy(X: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
-    """Mean 5-fold accuracy of the device's softmax head on these embeddings (held-out images only)."""
-    correct = 0
-    for f in np.unique(folds):
-        train, test = folds != f, folds == f
-        head = SoftmaxHead().fit(X[train], y[train])
-        correct += int((head.predict(X[test]) == y[test]).sum())
-    return correct / len(y)
-
-
-class _Gate:
-    """Accuracy gate for every graph, on real held-out images the quantizers never saw."""
-
-    def __init__(self, features: torch.nn.Module, calib: np.ndarray, calib_labels: np.ndarray, held: np.ndarray,
-                 held_labels: np.ndarray, seed: int, groups: list[dict[str, Any]] | None = None):
-        with torch.no_grad():
-            torch_fn = lambda b: features(torch.from_numpy(b)).numpy()  # noqa: E731
-            self.ref_calib = _embed(torch_fn, calib)
-            self.ref_held = _embed(torch_fn, held)
-        self.held, self.labels = held, held_labels
-        self.folds = np.random.default_rng(seed).permutation(len(held)) % 5
-        self.reference_head = SoftmaxHead().fit(self.ref_calib, calib_labels)
-        self.ref_pred = self.reference_head.predict(self.ref_held)
-        self.ref_accuracy = _cv_accuracy(self.ref_held, held_labels, self.folds)
-        self.groups = [(g["name"], slice(g["offset"], g["offset"] + g["size"])) for g in groups or []]
-        self.ref_group_accuracy = {name: _cv_accuracy(self.ref_held[:, part], held_labels, self.folds)
-                                   for name, part in self.groups}
-
-    def measure(self, extractor: Any) -> tuple[dict[str, Any], np.ndarray]:
-        """(accuracy and parity report, the graph's embeddings of the held-out images)."""
-        emb = _embed(extractor.embed, self.held)
-        cos = compare_embeddings(self.ref_held, emb)
-        ref = self.ref_held.astype(np.float64)
-        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1)
-        accuracy = _cv_accuracy(emb, self.labels, self.folds)
-        # a multi-depth graph: every group of features must keep its accuracy too
-        group_drops = {name: round(100 * (self.ref_group_accuracy[name] - _cv_accuracy(emb[:, part], self.labels,
-                                                                                       self.folds)), 2)
-                       for name, part in self.groups}
-        return {"max_abs_diff": cos["max_abs_diff"], "min_cosine": cos["min_cosine"],
-                "mean_cosine": float(((ref * emb).sum(axis=1) / np.maximum(norms, 1e-12)).mean()),
-                "top1_agreement": float((self.reference_head.predict(emb) == self.ref_pred).mean()),
-                "accuracy": accuracy, "accuracy_pytorch_fp32": self.ref_accuracy,
-                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": int(len(self.held)),
-                **({"group_drop_points": group_drops} if group_drops else {})}, emb
 
 
 def _feature_module(backbone: Backbone, spec: BackboneSpec, features: str, input_size: int
@@ -240,13 +187,17 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
            formats: Sequence[str] = ("onnx",), precisions: Sequence[str] = ("fp32",), calib_size: int = 64,
            eval_size: int = 1000, max_drop: float = 1.0, keep_failed: bool = False, image_size: int | None = None,
            opset: int = 17, force: bool = False, seed: int = 0, features: str = "last",
+           min_cosine: float = GateLimits.min_mean_cosine, min_agreement: float = GateLimits.min_agreement,
            progress: Progress | None = None) -> Path:
     """Export the frozen extractor of a registry backbone (``model``) or a fine-tuned ``run`` into a bundle at ``out``.
 
     ``calib``: a labelled ImageFolder of real images. A stratified part (``calib_size`` images) calibrates the INT8
-    quantizers; the rest (up to ``eval_size``) is held out for the FP32 parity check and the accuracy gate: every
-    FP16/INT8 graph whose held-out accuracy (5-fold, device softmax head) falls more than ``max_drop`` points below
-    PyTorch FP32 raises :class:`QuantizationAccuracyError`, or is kept and marked failed with ``keep_failed``.
+    quantizers; the rest (up to ``eval_size``) is held out for the FP32 parity check and the gate
+    (:mod:`edgetl.host.gate`): an FP16/INT8 graph passes when its mean cosine to PyTorch FP32 reaches ``min_cosine``,
+    the FP32 reference head agrees with itself on its embeddings for at least ``min_agreement`` of the images, and a
+    head retrained on its embeddings (5-fold, device softmax head) loses at most ``max_drop`` points. A failed graph is
+    left out, the bundle is written with the graphs that passed and :class:`QuantizationAccuracyError` names what
+    failed; with ``keep_failed`` the failed graphs are kept, marked failed, and nothing is raised.
     ``features``: ``last`` (the pooled final features) or ``multi`` (those followed by the pooled output of every
     stage, described in the manifest's ``feature_groups``; the gate then holds for the whole vector and for the final
     features, and every group's drop is reported). Returns the bundle path.
@@ -257,7 +208,8 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
         from edgetl.host.text_export import export_text
 
         return export_text(out, calib, model=str(model), formats=formats, precisions=precisions,
-                           calib_size=calib_size, eval_size=eval_size, max_drop=max_drop, keep_failed=keep_failed,
+                           calib_size=calib_size, eval_size=eval_size, keep_failed=keep_failed,
+                           limits=GateLimits(max_drop, min_cosine, min_agreement),
                            opset=opset, force=force, seed=seed, progress=progress)
     progress = progress or (lambda stage, done, total: None)
     out = Path(out)
@@ -283,8 +235,8 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
     with tempfile.TemporaryDirectory(prefix="edgetl-export-") as scratch:
         reference_onnx = Path(scratch) / "reference.onnx"
         export_onnx(features_module, reference_onnx, pp.input_size, opset)
-        gate = _Gate(features_module, calib_images, folder.labels[calib_idx], held_images, folder.labels[held_idx],
-                     seed, groups)
+        gate = Gate(features_module, held_images, folder.labels[held_idx], seed, groups,
+                    GateLimits(max_drop, min_cosine, min_agreement))
         parity = validate_onnx(features_module, reference_onnx, held_images, reference=gate.ref_held)
         ctx = ExportContext(features_module, reference_onnx, pp.input_size, calib_images, Path(scratch))
         golden = {"inputs": held_images[:GOLDEN_COUNT], "pytorch": gate.ref_held[:GOLDEN_COUNT]}
@@ -293,17 +245,16 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
         entries, failures = [], []
         for i, (fmt, prec) in enumerate(targets):
             progress("export", i, len(targets))
-            entry, emb = _convert_one(ctx, staging, fmt, prec, gate, max_drop)
-            golden.setdefault(entry["golden"]["key"], emb[:GOLDEN_COUNT])
-            reference.setdefault(entry["golden"]["key"], emb[:REFERENCE_COUNT].astype(np.float16))
+            entry, emb = _convert_one(ctx, staging, fmt, prec, gate)
             if not entry["report"]["passed"]:
                 failures.append(entry)
                 if not keep_failed:
+                    discard_graph(staging, entry)
                     continue
+            golden.setdefault(entry["golden"]["key"], emb[:GOLDEN_COUNT])
+            reference.setdefault(entry["golden"]["key"], emb[:REFERENCE_COUNT].astype(np.float16))
             entries.append(entry)
         progress("export", len(targets), len(targets))
-    if not keep_failed:
-        refuse_failed(failures, staging, "images")
     np.savez(staging / "golden.npz", **golden)
     np.savez(staging / "reference.npz", **reference)
 
@@ -317,7 +268,7 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
         "reference": {"file": "reference.npz", "count": int(min(len(held_idx), REFERENCE_COUNT)),
                       "source": "held-out export images, embedded by each extractor (key: its golden key)"},
         "validation": parity | {"calibration_images": int(len(calib_idx)), "data": str(folder.root),
-                                "max_drop_points": max_drop},
+                                "max_drop_points": max_drop, "gate": gate.limits.to_dict()},
         "labels": classes, "head": None,
     }
     if classes is not None:
@@ -331,20 +282,27 @@ def export(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFol
     if groups is not None:
         manifest["feature_groups"] = groups
     place_bundle(staging, out, manifest)
-    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"{f}/{p}" for f, p in targets))
+    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"{e['format']}/{e['precision']}" for e in entries))
+    if not keep_failed:
+        refuse_failed(failures, out, "images")
     return out
 
 
-def refuse_failed(failures: list[dict[str, Any]], staging: Path, items: str) -> None:
-    """Graphs failed the accuracy gate: remove the staging folder and raise :class:`QuantizationAccuracyError`."""
+def discard_graph(staging: Path, entry: dict[str, Any]) -> None:
+    """Remove a failed graph's files from the staging folder (the bundle lists every file there)."""
+    for name in [entry["file"], *entry.get("companions", [])]:
+        (staging / name).unlink(missing_ok=True)
+
+
+def refuse_failed(failures: list[dict[str, Any]], bundle: Path, items: str) -> None:
+    """Graphs failed the gate and were left out of ``bundle``: raise :class:`QuantizationAccuracyError` naming them."""
     if not failures:
         return
-    shutil.rmtree(staging, ignore_errors=True)
-    worst = ", ".join(f"{e['format']}/{e['precision']} {e['report']['reason']}" for e in failures)
-    raise QuantizationAccuracyError(f"export refused: {worst}; raise --max-drop, give more --calib {items}, or pass "
-                                    "--keep-failed to keep them marked failed",
+    worst = "; ".join(f"{e['format']}/{e['precision']} failed: {e['report']['reason']}" for e in failures)
+    raise QuantizationAccuracyError(f"export wrote {bundle} without the failed graphs ({worst}); give more --calib "
+                                    f"{items}, or pass --keep-failed to keep them marked failed",
                                     [e["report"] | {"format": e["format"], "precision": e["precision"]}
-                                     for e in failures])
+                                     for e in failures], bundle)
 
 
 def place_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
@@ -358,10 +316,10 @@ def place_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
     os.replace(staging, out)
 
 
-def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _Gate, max_drop: float
+def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: Gate
                  ) -> tuple[dict[str, Any], np.ndarray]:
-    """Write one graph into ``staging``, measure it with the device runtime; return its manifest entry and its
-    embeddings of the held-out images."""
+    """Write one graph into ``staging``, measure and judge it with the device runtime; return its manifest entry and
+    its embeddings of the held-out images."""
     fn, filename = converter(fmt, prec)
     start = time.perf_counter()
     settings = fn(ctx, staging / filename)
@@ -370,28 +328,13 @@ def _convert_one(ctx: ExportContext, staging: Path, fmt: str, prec: str, gate: _
     extractor = load_extractor(fmt, staging / filename, entry={"layout": settings.get("layout", "NCHW")})
     report, held_embeddings = gate.measure(extractor)
     size = sum((staging / f).stat().st_size for f in [filename, *companions])
-    report |= {"size_bytes": size, "convert_seconds": round(seconds, 2)}
-    if prec == "fp32":
-        passed = report["max_abs_diff"] <= FP32_TOLERANCE["max_abs"] and \
-            report["min_cosine"] >= FP32_TOLERANCE["min_cosine"]
-        reason = f"max abs diff {report['max_abs_diff']:.2e} vs PyTorch (limit {FP32_TOLERANCE['max_abs']:.0e})"
-    else:
-        # gated: the whole vector (what a multi-depth head reads) and the final features (what a last-layer head
-        # reads); the drop of every other group is reported (an early 16-channel stage can lose much more under
-        # per-tensor INT8 while the whole vector loses nothing)
-        groups = report.get("group_drop_points", {})
-        drops = {"all features": report["drop_points"], **{k: v for k, v in groups.items() if k == "last"}}
-        worst = max(drops, key=lambda k: drops[k])
-        passed = drops[worst] <= max_drop
-        reason = f"accuracy drop {drops[worst]:.2f} points on {worst} (limit {max_drop})"
-    report |= {"passed": bool(passed), "reason": reason}
-    # FP32 graphs must reproduce PyTorch itself; reduced precisions their own host output (the device's runtime must
-    # compute what the host's did)
-    key = "pytorch" if prec == "fp32" else filename.replace(".", "_")
+    report = gate.judge(report | {"size_bytes": size, "convert_seconds": round(seconds, 2)}, prec)
+    golden = golden_spec(prec, filename.replace(".", "_"), gate.ref_held[:GOLDEN_COUNT],
+                         held_embeddings[:GOLDEN_COUNT])
     entry = {"file": filename, "format": fmt, "precision": prec, "companions": companions,
              "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "layout": settings.get("layout", "NCHW"),
              "input_shape": ["batch", 3, ctx.input_size, ctx.input_size], "quantization": settings, "report": report,
-             "golden": {"key": key, "tolerance": GOLDEN_TOLERANCE[prec]}}
-    if not passed:
+             "golden": golden}
+    if not report["passed"]:
         entry["failed"] = True
     return entry, held_embeddings

@@ -1,6 +1,6 @@
 """Export a sentence encoder (registry ``modality = "text"``) into a bundle: token ids + attention mask → mean-pooled,
 L2-normalised embedding as ONNX (FP32, and INT8 by ONNX Runtime dynamic quantization), each graph gated on accuracy
-against PyTorch with the image export's own gate (:class:`edgetl.host.export._Gate`) and golden vectors, the
+against PyTorch with the image export's own gate (:class:`edgetl.host.gate.Gate`) and golden vectors, the
 ``tokenizer.json`` packed beside it.
 
 Inputs travel packed as int64 ``(N, 2, L)`` (ids, mask; :func:`edgetl.text.pack`), so the gate, the golden vectors and
@@ -26,16 +26,8 @@ from edgetl import __version__
 from edgetl.bundle import SCHEMA_VERSION
 from edgetl.data import ImageFolder, stratified_split
 from edgetl.errors import BundleError, DataError, RegistryError
-from edgetl.host.export import (
-    FP32_TOLERANCE,
-    GOLDEN_COUNT,
-    GOLDEN_TOLERANCE,
-    REFERENCE_COUNT,
-    Progress,
-    _Gate,
-    place_bundle,
-    refuse_failed,
-)
+from edgetl.host.export import GOLDEN_COUNT, REFERENCE_COUNT, Progress, discard_graph, place_bundle, refuse_failed
+from edgetl.host.gate import Gate, GateLimits, golden_spec
 from edgetl.registry import BackboneSpec, TextPreprocessing, get_backbone, resolve_weights
 from edgetl.runtime import load_extractor
 from edgetl.runtime.onnx_text import TEXT_INPUTS
@@ -154,14 +146,15 @@ def _precisions(formats: Sequence[str], precisions: Sequence[str]) -> list[str]:
 
 def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | ImageFolder, *, model: str,
                 formats: Sequence[str] = ("onnx",), precisions: Sequence[str] = ("fp32",), calib_size: int = 64,
-                eval_size: int = 1000, max_drop: float = 1.0, keep_failed: bool = False, opset: int = 17,
-                force: bool = False, seed: int = 0, progress: Progress | None = None) -> Path:
+                eval_size: int = 1000, keep_failed: bool = False, opset: int = 17, force: bool = False, seed: int = 0,
+                limits: GateLimits | None = None, progress: Progress | None = None) -> Path:
     """Export the registry text encoder ``model`` into a bundle at ``out`` (see :func:`edgetl.host.export.export`).
 
     ``calib``: labelled documents (a folder of ``.txt`` files per class, or a ``text,label`` CSV). A stratified part
     (``calib_size``) fits the gate's reference head; the rest (up to ``eval_size``) is held out for the FP32 parity
-    check and the accuracy gate (5-fold device softmax head): an INT8 graph more than ``max_drop`` points below
-    PyTorch FP32 raises :class:`QuantizationAccuracyError` (or is kept, marked failed, with ``keep_failed``).
+    check and the gate (``limits``: fidelity to PyTorch FP32 and the accuracy of a 5-fold device softmax head): a
+    failed INT8 graph is left out and :class:`QuantizationAccuracyError` raised once the bundle is written (or it is
+    kept, marked failed, with ``keep_failed``).
     """
     progress = progress or (lambda stage, done, total: None)
     out = Path(out)
@@ -189,7 +182,7 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
         # one padded array (longest document of the set); masked pooling makes the padding irrelevant
         return tokenize(tokenizer, [read_text(data.samples[int(i)].path) for i in indices])
 
-    calib_tokens, held_tokens = load(calib_idx), load(held_idx)
+    held_tokens = load(held_idx)  # dynamic INT8 needs no calibration set; the split keeps the held-out set as before
     encoder = build_encoder(spec)
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -197,8 +190,7 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
     with tempfile.TemporaryDirectory(prefix="edgetl-text-export-") as scratch:
         reference_onnx = Path(scratch) / "reference.onnx"
         export_text_onnx(encoder, reference_onnx, opset)
-        gate = _Gate(Packed(encoder).eval(), calib_tokens, data.labels[calib_idx], held_tokens,
-                     data.labels[held_idx], seed)
+        gate = Gate(Packed(encoder).eval(), held_tokens, data.labels[held_idx], seed, limits=limits)
         golden = {"inputs": held_tokens[:GOLDEN_COUNT], "pytorch": gate.ref_held[:GOLDEN_COUNT]}
         reference = {"labels": data.labels[held_idx][:REFERENCE_COUNT],
                      "pytorch": gate.ref_held[:REFERENCE_COUNT].astype(np.float16)}
@@ -211,36 +203,30 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
             seconds = time.perf_counter() - start
             extractor = load_extractor("onnx", staging / filename, modality="text")
             report, emb = gate.measure(extractor)
-            report |= {"size_bytes": (staging / filename).stat().st_size, "convert_seconds": round(seconds, 2),
-                       "n_documents": report.pop("n_images")}
+            report = gate.judge(report | {"size_bytes": (staging / filename).stat().st_size,
+                                          "convert_seconds": round(seconds, 2)}, prec)
+            report["n_documents"] = report.pop("n_images")
             if prec == "fp32":
-                passed = report["max_abs_diff"] <= FP32_TOLERANCE["max_abs"] and \
-                    report["min_cosine"] >= FP32_TOLERANCE["min_cosine"]
-                reason = f"max abs diff {report['max_abs_diff']:.2e} vs PyTorch (limit {FP32_TOLERANCE['max_abs']:.0e})"
                 parity = {k: report[k] for k in ("max_abs_diff", "min_cosine")} | {"n_documents": len(held_idx)}
-            else:
-                passed = report["drop_points"] <= max_drop
-                reason = f"accuracy drop {report['drop_points']:.2f} points (limit {max_drop})"
-            report |= {"passed": bool(passed), "reason": reason}
-            key = "pytorch" if prec == "fp32" else filename.replace(".", "_")
+            # the golden inputs alone, as the device will run them: dynamic INT8 quantizes activations per batch, so
+            # an embedding moves slightly (cosine ~0.99) with the other documents of its batch
+            own = extractor.embed(golden["inputs"])
+            check = golden_spec(prec, filename.replace(".", "_"), gate.ref_held[:GOLDEN_COUNT], own)
             entry: dict[str, Any] = {
                 "file": filename, "format": "onnx", "precision": prec, "companions": [],
                 "input_name": TEXT_INPUTS[0], "input_names": list(TEXT_INPUTS), "output_name": OUTPUT_NAME,
                 "layout": "NL", "input_shape": ["batch", "tokens"], "quantization": settings, "report": report,
-                "golden": {"key": key, "tolerance": GOLDEN_TOLERANCE[prec]}}
-            # the golden inputs alone, as the device will run them: dynamic INT8 quantizes activations per batch, so
-            # an embedding moves slightly (cosine ~0.99) with the other documents of its batch
-            golden.setdefault(key, extractor.embed(golden["inputs"]))
-            reference.setdefault(key, emb[:REFERENCE_COUNT].astype(np.float16))
-            if not passed:
+                "golden": check}
+            if not report["passed"]:
                 entry["failed"] = True
                 failures.append(entry)
                 if not keep_failed:
+                    discard_graph(staging, entry)
                     continue
+            golden.setdefault(check["key"], own)
+            reference.setdefault(check["key"], emb[:REFERENCE_COUNT].astype(np.float16))
             entries.append(entry)
         progress("export", len(targets), len(targets))
-    if not keep_failed:
-        refuse_failed(failures, staging, "documents")
     np.savez(staging / "golden.npz", **golden)
     np.savez(staging / "reference.npz", **reference)
     shutil.copyfile(tokenizer_file, staging / pp.tokenizer)
@@ -256,11 +242,13 @@ def export_text(out: str | os.PathLike[str], calib: str | os.PathLike[str] | Ima
         "reference": {"file": "reference.npz", "count": int(min(len(held_idx), REFERENCE_COUNT)),
                       "source": "held-out export documents, embedded by each extractor (key: its golden key)"},
         "validation": parity | {"calibration_documents": len(calib_idx), "data": str(data.root),
-                                "max_drop_points": max_drop},
+                                "max_drop_points": gate.limits.max_drop, "gate": gate.limits.to_dict()},
         "labels": None, "head": None,
     }
     place_bundle(staging, out, manifest)
-    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"onnx/{p}" for p in targets))
+    log.info("exported %s to %s: %s", spec.id, out, ", ".join(f"onnx/{e['precision']}" for e in entries))
+    if not keep_failed:
+        refuse_failed(failures, out, "documents")
     return out
 
 
