@@ -60,5 +60,12 @@ def choose(bundle: Bundle, backend: str | None = None, precision: str | None = N
         raise RuntimeMissingError("no inference runtime is installed; install one: pip install 'edgetl[onnx]'")
     extras = sorted({BACKENDS[e.format][3] for e in entries if e.format in BACKENDS} - set(installed))
     hint = f"; or install a runtime for them: pip install 'edgetl[{','.join(extras)}]'" if extras else ""
+    failed = [e for e in entries if e.raw.get("failed") and e.format in installed and
+              (backend in (None, e.format)) and (precision in (None, e.precision))]
+    if failed:  # a failed graph is used only when named exactly: say how, and what that means
+        e = failed[0]
+        why = e.raw.get("report", {}).get("reason", "see `edgetl device info`")
+        hint += (f"; {e.format}/{e.precision} failed the export gate ({why}): to use it anyway, name it with "
+                 f"--backend {e.format} --precision {e.precision}")
     raise BundleError(f"bundle {bundle.path} has no usable {wanted} extractor for the runtimes installed here "
                       f"({', '.join(installed) or 'none'}); it has {have}{hint}")

@@ -189,6 +189,12 @@ def test_gate_refuses_a_graph_that_lost_accuracy(tmp_path: Path, monkeypatch: py
     from edgetl.device import DeviceRuntime
 
     assert DeviceRuntime(bundle, profile="generic-cpu").precision == "fp32"
+    # asking for the precision alone says that the failed graph exists and exactly how to use it anyway
+    from edgetl.errors import BundleError
+
+    with pytest.raises(BundleError, match="onnx/fp16 failed the export gate .*--backend onnx --precision fp16"):
+        DeviceRuntime(bundle, profile="generic-cpu", precision="fp16")
+    assert DeviceRuntime(bundle, backend="onnx", precision="fp16").entry.file == "extractor.fp16.onnx"
 
 
 def test_cli_export_refusal_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
