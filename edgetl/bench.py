@@ -4,6 +4,11 @@ Cold start is a new Python process from its start to its first embedding (wall t
 latency is batch 1 after warm-up; throughput at the given batch; peak RSS is that of a separate process that loads
 the bundle and runs the warm measurements (so this process's own memory never counts); head training is the time to fit
 the current head's kind on the embeddings in the store.
+
+Emulation gives no speed, so the result also carries what the device profile's published figures say one image should
+take (``expected``: the closest ``[[latency]]`` entry of the profile for the bundle's backbone, scaled to its input
+size; see :func:`edgetl.profiles.expected_latency` and devices/latency.md) and a verdict on the measured batch-1 p50:
+on a real board a "slower" verdict points at throttling, a weak power supply, the wrong thread count or runtime build.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ for _ in range(reps):
 thr = reps * len(batch) / (time.perf_counter() - t)
 print(json.dumps({"latency_ms_p50": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
                   "images_per_s": thr, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "backend": rt.backend, "precision": rt.precision, "file": rt.entry.file, "threads": rt.threads}))
+                  "backend": rt.backend, "precision": rt.precision, "file": rt.entry.file, "threads": rt.threads,
+                  "providers": list(getattr(rt.extractor, "providers", None) or [])}))
 """
 
 
@@ -74,7 +80,26 @@ def bench(bundle: str | Path, backend: str | None = None, precision: str | None 
     warm, _ = _child(args | {"mode": "warm"})
     result: dict[str, Any] = warm | {"cold_start_s": float(np.median(cold)), "batch": batch, "runs": runs}
     result |= _head_figures(rt)
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+    result = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+    result["profile"] = rt.profile.id
+    result["expected"] = _expected(rt, result)
+    return result
+
+
+#: execution providers that run the graph on a GPU (anything else counts as the CPU)
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+
+
+def _expected(rt: Any, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The profile's expectation for this run as JSON (None where the profile has no figure for the backbone)."""
+    from edgetl.profiles import expected_latency
+
+    providers = result.get("providers") or []
+    unit = "gpu" if providers and providers[0] in GPU_PROVIDERS else "cpu"
+    exp = expected_latency(rt.profile, str((rt.bundle.manifest.get("backbone") or {}).get("id", "")), rt.backend, rt.precision,
+                           int(rt.bundle.preprocessing.input_size), unit=unit, threads=result.get("threads"),
+                           measured_ms=result.get("latency_ms_p50"))
+    return None if exp is None else exp.as_dict() | {"line": exp.line()}
 
 
 def _head_figures(rt: Any) -> dict[str, Any]:

@@ -50,3 +50,31 @@ def test_cli_start_does_not_import_heavy_modules() -> None:
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bench_prints_the_profiles_expected_latency_and_a_verdict(bundle: Path) -> None:
+    common = [str(bundle), "--runs", "10", "--batch", "2", "--threads", "1", "--profile", "raspberry-pi-zero-2w"]
+    res = CliRunner().invoke(main, ["device", "bench", *common])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    expected = next(line for line in lines if line.startswith("expected"))
+    # the 64 px test bundle against the Zero 2 W's 224 px one-thread MobileNetV2 figure, scaled by pixels
+    assert "ncnn fp32 cpu, 224px, 1 thread: 274.23 ms" in expected and "github.com/Tencent/ncnn" in expected
+    assert any("scaled from 224px to 64px" in line for line in lines)
+    verdict = next(line for line in lines if line.startswith("verdict"))
+    assert "indicative only: figure is ncnn, this run onnx" in verdict
+    res = CliRunner().invoke(main, ["device", "bench", *common, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    exp = data["expected"]
+    assert data["profile"] == "raspberry-pi-zero-2w" and exp["figure"]["ms"] == 274.23 and exp["scaled"]
+    assert exp["expected_ms"] == round(274.23 * (64 / 224) ** 2, 3)
+    assert abs(exp["ratio"] - data["latency_ms_p50"] / exp["expected_ms"]) < 0.01 * exp["ratio"] + 0.002
+    assert exp["verdict"] in {"within", "slower", "faster"}
+
+
+def test_bench_says_when_the_profile_has_no_figure(bundle: Path) -> None:
+    res = CliRunner().invoke(main, ["device", "bench", str(bundle), "--runs", "10", "--batch", "2", "--threads", "1",
+                                    "--profile", "generic-cpu"])
+    assert res.exit_code == 0, res.output
+    assert "expected  no published figure for this backbone in profile generic-cpu" in res.stdout

@@ -278,7 +278,8 @@ def doctor(bundle: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @_runtime_options
 def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> None:
-    """Cold start, warm latency p50/p95 (batch 1), throughput (--batch), peak RSS and head-fit time."""
+    """Cold start, warm latency p50/p95 (batch 1), throughput (--batch), peak RSS and head-fit time, next to the
+    latency the device profile's published figures lead to expect (devices/latency.md) and a verdict."""
     from edgetl.bench import bench as run_bench
 
     result = run_bench(bundle, backend=opts["backend"], precision=opts["precision"], threads=opts["threads"],
@@ -294,6 +295,11 @@ def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> No
     click.echo(f"cold start {result['cold_start_s']:.2f} s; batch 1 p50 {result['latency_ms_p50']:.2f} ms, p95 "
                f"{result['latency_ms_p95']:.2f} ms; batch {batch} {result['images_per_s']:.1f} images/s; peak RSS "
                f"{result['peak_rss_mb']:.0f} MB; head fit {fit}")
+    if result.get("expected"):
+        click.echo(result["expected"]["line"])
+    else:
+        click.echo(f"expected  no published figure for this backbone in profile {result.get('profile')} "
+                   "(devices/latency.md); measured only")
 
 
 @device.command("add-class")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgetl.budget import MemorySettings
 from edgetl.errors import BundleError, RuntimeMissingError
 from edgetl.runtime.base import FeatureExtractor, check_batch
 
@@ -21,8 +22,11 @@ FP32_PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
 
 def open_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 precision: str = "fp32") -> Any:
-    """An ONNX Runtime session for ``path`` (all graph optimisations, online), on the available ``providers``."""
+                 precision: str = "fp32", memory: MemorySettings | None = None) -> Any:
+    """An ONNX Runtime session for ``path`` (all graph optimisations, online), on the available ``providers``.
+
+    ``memory`` (from :func:`edgetl.budget.memory_settings`) sets the CPU memory arena and memory pattern; without it
+    ONNX Runtime's defaults (both on) stay."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -33,6 +37,9 @@ def open_session(path: Path, threads: int | None = None, providers: list[str] | 
     if threads:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3
+    if memory is not None:
+        options.enable_cpu_mem_arena = bool(memory.enable_cpu_mem_arena)
+        options.enable_mem_pattern = bool(memory.enable_mem_pattern)
     available = ort.get_available_providers()
     wanted = list(providers or ["CPUExecutionProvider"])
     chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
@@ -60,8 +67,11 @@ class OnnxExtractor(FeatureExtractor):
     backend = "onnx"
 
     def __init__(self, path: Path, entry: dict[str, Any] | None = None, threads: int | None = None,
-                 providers: list[str] | None = None):
-        self.session = open_session(path, threads, providers, str((entry or {}).get("precision", "fp32")))
+                 providers: list[str] | None = None, memory: MemorySettings | None = None):
+        """``memory``: the budget's settings (:func:`edgetl.budget.memory_settings`), None for ONNX Runtime's
+        defaults."""
+        self.memory = memory
+        self.session = open_session(path, threads, providers, str((entry or {}).get("precision", "fp32")), memory)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
