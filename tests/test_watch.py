@@ -390,3 +390,29 @@ def test_a_file_replaced_under_the_same_name_is_a_new_arrival(trained: Path, dem
     records = lines(w.out)
     assert [r["file"] for r in records] == ["cam.png", "cam.png"]
     assert records[0]["mtime_ns"] != records[1]["mtime_ns"]
+
+
+def test_a_file_replaced_before_its_move_stays_in_the_inbox(trained: Path, demo_test: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    inbox.mkdir()
+    first, second = sorted((demo_test / "coat").glob("*.png"))[:2]
+    shutil.copy(first, inbox / "cam.png")
+    append = Journal.append
+    replaced = []
+
+    def append_then_replace(self: Journal, records: list) -> None:
+        append(self, records)
+        if not replaced:  # a new image lands under the same name after the first was read, before it is moved
+            shutil.copy(second, inbox / "cam.png.part")
+            os.replace(inbox / "cam.png.part", inbox / "cam.png")
+            replaced.append(True)
+
+    monkeypatch.setattr(Journal, "append", append_then_replace)
+    with InboxWatcher(DeviceRuntime(trained), inbox, move_done=done, settle=0) as w:
+        assert w.process_once() == 1
+        assert (inbox / "cam.png").read_bytes() == second.read_bytes()  # the unprocessed file was not moved away
+        assert not (done / "cam.png").exists()
+        assert w.process_once() == 1  # ... and is classified as the new arrival it is
+    assert (done / "cam.png").read_bytes() == second.read_bytes() and not (inbox / "cam.png").exists()
+    assert [r["size"] for r in lines(w.out)] == [first.stat().st_size, second.stat().st_size]

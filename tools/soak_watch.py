@@ -109,7 +109,10 @@ def main() -> None:
             cmd += ["--threads", str(args.threads)]
         if args.move_done:
             cmd += ["--move-done", str(work / "done")]
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=work)
+        # stderr to a file, not a pipe: a pipe nobody reads fills after ~64 KB of warnings (one per set-aside file)
+        # and then blocks the watcher
+        err_file = open(work / "watch.err", "w+", encoding="utf-8")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(cmd, stderr=err_file, text=True, cwd=work)
         samples: list[tuple[float, int, float]] = []
         stop = threading.Event()
 
@@ -187,10 +190,13 @@ def main() -> None:
         rss_end = rss_mb(proc.pid) if proc.poll() is None else float("nan")
         proc.send_signal(signal.SIGTERM)
         try:
-            _, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
+        err_file.seek(0)
+        err = err_file.read()
+        err_file.close()
         stop.set()
         for timer in timers:
             timer.join()
