@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgetl._atomic import atomic_write_json
+from edgetl.budget import memory_settings
 from edgetl.bundle import Bundle
 from edgetl.data import ImageFolder, batches, stratified_split
 from edgetl.domain import DomainReference
@@ -84,10 +85,18 @@ class DeviceRuntime:
         self.precision = self.entry.precision
         self.threads = choice.threads
         self.providers = choice.providers
-        self.batch_size = batch_size or choice.profile.batch_size or 32
+        # a memory budget (the profile's memory_budget_mb) sets the batch size and the runtime's arena settings
+        self.memory = memory_settings(
+            choice.profile.memory_budget_mb, self._input_size(), int(self.bundle.manifest["feature_dim"]),
+            max_batch=batch_size or choice.profile.batch_size or 32) if self.bundle.modality == "image" else None
+        self.batch_size = batch_size or (self.memory.batch_size if self.memory else None) or \
+            choice.profile.batch_size or 32
         self.extractor_sha256 = self.bundle.sha256(self.entry.file)
         self._extractor: FeatureExtractor | None = None
         self._golden: dict[str, Any] = {}
+
+    def _input_size(self) -> int:
+        return int(self.bundle.manifest["preprocessing"]["input_size"])
 
     def _check_replay(self) -> None:
         """A signed bundle older than one this device already accepted is a replay: refuse it; else record it."""
@@ -113,7 +122,9 @@ class DeviceRuntime:
     def extractor(self) -> FeatureExtractor:
         """The runtime session, created once; before first use it must reproduce the bundle's golden vectors."""
         if self._extractor is None:
-            options = {"providers": self.providers} if self.providers else {}
+            options: dict[str, Any] = {"providers": self.providers} if self.providers else {}
+            if self.backend == "onnx" and self.memory is not None and self.memory.budget_mb is not None:
+                options["memory"] = self.memory
             extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
                                        threads=self.threads, modality=self.bundle.modality, **options)
             self._golden = self._check_golden(extractor)
