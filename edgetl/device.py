@@ -64,6 +64,23 @@ class TrainReport:
     features: dict[str, Any] | None = None
 
 
+def _current_head_extractor(bundle: Bundle) -> tuple[str | None, str | None]:
+    """(backend, precision) of the extractor the bundle's current head was trained on, when the bundle has it and its
+    runtime is installed here; (None, None) otherwise (the profile decides)."""
+    from edgetl.runtime import installed_backends
+
+    state = DeviceState(bundle.state_dir)
+    try:
+        version = state.current()
+        owner = state.meta(version).get("extractor") if version and version != BUNDLE_HEAD else None
+    except StateError:
+        return None, None
+    entry = next((e for e in bundle.extractors() if e.file == owner), None)
+    if entry is None or entry.format not in installed_backends():
+        return None, None
+    return entry.format, entry.precision
+
+
 class DeviceRuntime:
     """Load and verify a bundle; embed, train a head, predict, evaluate.
 
@@ -73,8 +90,13 @@ class DeviceRuntime:
     def __init__(self, bundle: str | os.PathLike[str], backend: str | None = None, precision: str | None = None,
                  profile: str | None = None, threads: int | None = None, batch_size: int | None = None,
                  trust: str | os.PathLike[str] | None = None):
-        # the profile (which may name a trusted key) is chosen from the manifest; then one full verification pass
-        choice = choose(Bundle.load(bundle, verify=False), backend, precision, profile, threads)
+        # the profile (which may name a trusted key) is chosen from the manifest; then one full verification pass.
+        # Heads belong to extractors: unless told otherwise, the device runs the extractor its current head was
+        # trained on (when this bundle has it and its runtime is installed here)
+        unverified = Bundle.load(bundle, verify=False)
+        if backend is None and precision is None:
+            backend, precision = _current_head_extractor(unverified)
+        choice = choose(unverified, backend, precision, profile, threads)
         trust = trust if trust is not None else choice.profile.trust
         self.bundle = Bundle.load(bundle, trust=trust)
         if trust is not None:
@@ -238,6 +260,21 @@ class DeviceRuntime:
         """The name of the current head version, ``"bundle"`` for the host's initial head, or None."""
         return self.state.current() or (BUNDLE_HEAD if self.bundle.manifest.get("head") else None)
 
+    def _log(self, action: str, **fields: Any) -> None:
+        """An audit entry; every one names the extractor of the change (and its reason, where the caller gives one)."""
+        self.state.log(action, extractor=self.entry.file, **fields)
+
+    def _current_head_owner(self) -> str | None:
+        """The extractor file the current head was trained on (None: no head, or the bundle's initial head, which
+        belongs to every FP32-faithful graph of the bundle)."""
+        version = self.current_version()
+        if version is None or version == BUNDLE_HEAD:
+            return None
+        try:
+            return self.state.meta(version).get("extractor")
+        except StateError:
+            return None
+
     def _load_version(self, version: str) -> tuple[Head, list[str]]:
         if version == BUNDLE_HEAD:
             if not self.bundle.manifest.get("head"):
@@ -245,8 +282,13 @@ class DeviceRuntime:
             return load_head(self.bundle.file(self.bundle.manifest["head"]["file"])), self.bundle.labels
         meta = self.state.meta(version)
         if meta.get("extractor_sha256") != self.extractor_sha256:
-            raise StateError(f"head {version} was trained for another extractor ({self.entry.file} is in use); "
-                             f"retrain it for this one: edgetl device train {self.bundle.path} --data DIR")
+            owner = next((e for e in self.bundle.extractors() if e.file == meta.get("extractor")), None)
+            use = f"run with --backend {owner.format} --precision {owner.precision} (the extractor it was trained " \
+                  f"on), " if owner is not None else ""
+            raise StateError(f"head {version} was trained for {meta.get('extractor', 'another extractor')}, not "
+                             f"{self.entry.file} (in use here); {use}roll back to a head of this extractor "
+                             f"(edgetl device history {self.bundle.path}), or train one for it: edgetl device train "
+                             f"{self.bundle.path} --data DIR --backend {self.backend} --precision {self.precision}")
         return load_head(self.state.head_file(version)), list(meta["classes"])
 
     def load_current_head(self) -> tuple[Head, list[str], str]:
@@ -271,11 +313,13 @@ class DeviceRuntime:
             status = "current" if version == current else meta.get("status", "previous")
             rows.append({"version": version, "status": status, "head": meta.get("head"), "classes": meta["classes"],
                          "metrics": meta.get("metrics", {}), "created": meta.get("created"),
-                         "extractor_sha256": meta.get("extractor_sha256"), "reason": meta.get("reason")})
+                         "extractor": meta.get("extractor"), "extractor_sha256": meta.get("extractor_sha256"),
+                         "reason": meta.get("reason")})
         return rows
 
     def rollback(self, to: str | None = None, wait: float = 0.0) -> str:
         """Make ``to`` (default: the version that was current before the current one) current again."""
+        to_given = to is not None
         with self.state.writer(wait):
             current = self.current_version()
             if to is None:
@@ -289,7 +333,8 @@ class DeviceRuntime:
                 to = earlier[0]
             self._load_version(to)  # exists, is readable and fits this extractor
             self.state.set_current(to)
-            self.state.log("rollback", version=to, previous=current)
+            self._log("rollback", version=to, previous=current,
+                      reason="--to given" if to_given else "back to the version current before")
         return to
 
     # ------------------------------------------------------------------------------------------------------ training
@@ -360,7 +405,7 @@ class DeviceRuntime:
                   f"layer on {len(val_idx)} images{tie}")
         return (*options[best], {"features": best, "reason": reason, "held_out_accuracy": scores})
 
-    def add_class(self, name: str, data: str | os.PathLike[str], wait: float = 0.0, force: bool = True,
+    def add_class(self, name: str, data: str | os.PathLike[str], wait: float = 0.0, force: bool = False,
                   progress: Progress = _no_progress) -> TrainReport:
         """Add class ``name`` from the images in ``data`` (a flat folder, or an ImageFolder's sub-folder) to the
         current head's classes; the other classes keep their stored training embeddings (nothing is forgotten)."""
@@ -391,7 +436,7 @@ class DeviceRuntime:
             kept = X[keep], keys[keep], remap[y[keep]], remaining
             *kept, retention = _retain(kept, len(kept[0]), *self._budget_state(None), 0)
             kind, params = self._current_head_spec()
-            return self._fit_version(*kept, kind, 0.2, 0, 0.0, True, params, source=f"remove-class {name}",
+            return self._fit_version(*kept, kind, 0.2, 0, 0.0, False, params, source=f"remove-class {name}",
                                      retention=retention)
 
     def rename_class(self, old: str, new: str, wait: float = 0.0) -> str:
@@ -416,7 +461,7 @@ class DeviceRuntime:
                                                train_labels=self.state.train_labels(version),
                                                novelty=self.novelty_model(version))
             self.state.set_current(renamed)
-            self.state.log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
+            self._log("promote", version=renamed, previous=version, reason=f"renamed {old} to {new}")
         return renamed
 
     def domain_check(self, embeddings: npt.NDArray[np.float32]) -> dict[str, Any] | None:
@@ -528,8 +573,8 @@ class DeviceRuntime:
             self._prune_store()
         if promote:
             self.state.set_current(version)
-        self.state.log("promote" if promote else "candidate", version=version, previous=previous,
-                       val_accuracy=val_acc, current_val_accuracy=current_acc, reason=reason)
+        self._log("promote" if promote else "candidate", version=version, previous=previous,
+                  val_accuracy=val_acc, current_val_accuracy=current_acc, reason=reason)
         return TrainReport(version, head, classes, int(len(train_idx)), int(len(val_idx)), val_acc, fit_seconds,
                            0, 0, promote, reason)
 
@@ -540,6 +585,12 @@ class DeviceRuntime:
         recorded held-out accuracy."""
         if force:
             return True, "promoted with --force", None
+        owner = self._current_head_owner()
+        if owner is not None and owner != self.entry.file:
+            return False, (f"the current head {self.current_version()} belongs to {owner}, this head to "
+                           f"{self.entry.file}; kept as a candidate (to switch the device to this extractor, make "
+                           f"it current with `edgetl device rollback {self.bundle.path} --to <this version> --backend "
+                           f"{self.backend} --precision {self.precision}`, or train with --force)"), None
         try:
             head, labels, version = self.load_current_head()
         except (NotFittedError, StateError):
@@ -726,8 +777,8 @@ class DeviceRuntime:
                                                train_keys=keys, train_labels=y_new, novelty=novelty)
             if promote:
                 self.state.set_current(version)
-            self.state.log("promote" if promote else "candidate", version=version, previous=previous,
-                           val_accuracy=acc, current_val_accuracy=current_acc, reason=reason, source=source)
+            self._log("promote" if promote else "candidate", version=version, previous=previous,
+                      val_accuracy=acc, current_val_accuracy=current_acc, reason=reason, source=source)
         return TrainReport(version, model.kind, labels, 0, int(len(y_new)), acc, 0.0, 0, 0, promote, reason)
 
 

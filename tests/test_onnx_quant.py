@@ -210,3 +210,40 @@ def test_cli_export_refusal_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(lines) == 1 and "without the failed graphs (onnx/int8 failed:" in lines[0], lines
     # the table on stdout shows what was written; the FP32 graph is there
     assert "onnx/fp32" in res.stdout and (tmp_path / "b" / "extractor.onnx").is_file()
+
+
+def test_heads_belong_to_extractors(quant_bundle: Path, tmp_path: Path) -> None:
+    """Issue 21: a head trained on INT8 never silently displaces a working FP32 head; the device runs the extractor
+    its current head was trained on; history and the audit log name each version's extractor; a wrong-extractor
+    error names the exact flags that fix it; add-class is not recorded as forced."""
+    import shutil
+
+    from edgetl.cli import main
+    from edgetl.demo import demo_split
+    from edgetl.state import DeviceState
+
+    bundle = Path(shutil.copytree(quant_bundle, tmp_path / "b"))
+    train, test = str(demo_split("train")), demo_split("test")
+    image = str(next(test.glob("*/*.png")))
+    run = CliRunner().invoke
+    res = run(main, ["device", "train", str(bundle), "--data", train, "--backend", "onnx", "--precision", "fp32"])
+    assert res.exit_code == 0 and "promoted to current" in res.stdout, res.output
+    res = run(main, ["device", "train", str(bundle), "--data", train, "--backend", "onnx", "--precision", "int8"])
+    assert res.exit_code == 0, res.output
+    assert "NOT promoted" in res.stdout and "belongs to extractor.onnx" in res.stdout
+    assert "--backend onnx --precision int8" in res.stdout
+    # a plain predict runs the current head's extractor (FP32), with no flags
+    res = run(main, ["device", "predict", str(bundle), image, "--json"])
+    assert res.exit_code == 0, res.output
+    # naming the other extractor: one line that says which flags use the head's own extractor
+    res = run(main, ["device", "predict", str(bundle), image, "--backend", "onnx", "--precision", "int8"])
+    assert res.exit_code == 1
+    assert "trained for extractor.onnx" in res.stderr and "--backend onnx --precision fp32" in res.stderr
+    history = run(main, ["device", "history", str(bundle)]).stdout.splitlines()
+    assert "extractor.onnx" in history[-2] and "extractor.int8.onnx" in history[-1]
+    res = run(main, ["device", "add-class", str(bundle), "extra", "--data", str(next(test.iterdir()))])
+    assert res.exit_code == 0, res.output
+    entries = DeviceState(bundle / "state").audit()
+    assert all(e.get("extractor") for e in entries) and all(e.get("reason") for e in entries)
+    assert not any(e["reason"] == "promoted with --force" for e in entries)  # nothing was forced
+    assert entries[-1]["extractor"] == "extractor.onnx" and "classes differ" in entries[-1]["reason"]

@@ -202,8 +202,9 @@ def history(bundle: Path, as_json: bool, **opts: Any) -> None:
     for r in rows:
         acc = r["metrics"].get("val_accuracy")
         acc_s = "   n/a" if acc is None else f"{acc:6.3f}"
+        extractor = r.get("extractor") or ("(bundle's initial head)" if r["version"] == "bundle" else "?")
         click.echo(f"{r['version']:<8} {r['status']:<10} {r['head'] or '':<8} {len(r['classes']):>3} classes  "
-                   f"val acc {acc_s}  {r['created'] or ''}")
+                   f"val acc {acc_s}  {extractor:<22} {r['created'] or ''}")
 
 
 @device.command()
