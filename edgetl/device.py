@@ -355,6 +355,7 @@ class DeviceRuntime:
         Promote gate: the new head becomes current unless the current head (same classes) is more accurate on
         held-out images by more than ``tolerance``; then it is kept as a candidate (``force`` promotes anyway).
         """
+        self._check_train_request(head, features, incremental)  # everything the manifest/state can refuse, first
         folder = data if isinstance(data, ImageFolder) else self.loader.scan(data)
         if shots is not None:
             folder = _take_shots(folder, shots, seed)
@@ -374,6 +375,25 @@ class DeviceRuntime:
                                        source=str(folder.root), retention=retention)
         return replace(report, embedded=len(folder) - cached, cached=cached, domain=self.domain_check(embeddings),
                        features=choice)
+
+    def _check_train_request(self, head: str, features: str, incremental: bool) -> None:
+        """Refuse, before any image is embedded, what the manifest and the state already rule out."""
+        from edgetl.heads import HEADS
+
+        if head not in HEADS:
+            raise DataError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+        if features not in ("last", "multi", "auto"):
+            raise DataError(f"unknown features {features!r}; use last, multi or auto")
+        if features != "last" and self.bundle.feature_groups is None:
+            raise DataError(f"bundle {self.bundle.path} has last-layer features only; re-export it with "
+                            "`edgetl export … --features multi` for multi-depth heads")
+        if incremental:
+            version = self.current_version()
+            if version is None or version == BUNDLE_HEAD:
+                raise NotFittedError(f"--incremental adds to the current head's training set, but no head was "
+                                     f"trained on this device yet; run `edgetl device train {self.bundle.path} --data "
+                                     "DIR` first")
+            self._load_version(version)  # the current head must belong to this extractor
 
     def _features_head(self, features: str, head: str, params: dict[str, Any], X: np.ndarray, y: np.ndarray,
                        val_split: float, seed: int) -> tuple[str, dict[str, Any], dict[str, Any]]:

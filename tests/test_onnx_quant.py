@@ -247,3 +247,22 @@ def test_heads_belong_to_extractors(quant_bundle: Path, tmp_path: Path) -> None:
     assert all(e.get("extractor") for e in entries) and all(e.get("reason") for e in entries)
     assert not any(e["reason"] == "promoted with --force" for e in entries)  # nothing was forced
     assert entries[-1]["extractor"] == "extractor.onnx" and "classes differ" in entries[-1]["reason"]
+
+
+def test_train_refuses_before_embedding(quant_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21: what the manifest or the state rules out is refused before a single image is embedded."""
+    import shutil
+
+    from edgetl.demo import demo_split
+    from edgetl.device import DeviceRuntime
+    from edgetl.errors import EdgeTLError
+
+    bundle = Path(shutil.copytree(quant_bundle, tmp_path / "b"))
+    rt = DeviceRuntime(bundle, backend="onnx", precision="fp32")
+    embedded: list[int] = []
+    monkeypatch.setattr(DeviceRuntime, "_embed_keyed", lambda self, paths, **kw: embedded.append(len(paths)))
+    for kwargs, message in (({"features": "multi"}, "last-layer features only"), ({"head": "nope"}, "unknown head"),
+                            ({"incremental": True}, "no head was trained on this device yet")):
+        with pytest.raises(EdgeTLError, match=message):
+            rt.train(demo_split("train"), **kwargs)
+    assert embedded == []
