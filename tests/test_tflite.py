@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.host, pytest.mark.tflite,
               pytest.mark.skipif(importlib.util.find_spec("ai_edge_quantizer") is None,
                                  reason="needs ai-edge-quantizer")]
 
-N_CALIB, N_TEST = 32, 24
+N_CALIB, N_TEST = 64, 100  # the export's default calibration size; every demo test image
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,10 +50,14 @@ def graphs(tmp_path_factory: pytest.TempPathFactory, demo_train: Path, demo_test
     spec = get_backbone("mobilenet_v2")
     pp = spec.preprocessing.with_size(SMALL)
     features = build_backbone(spec).features.eval()
-    calib = preprocess_batch([load_image(p) for p in _spread(scan_image_folder(demo_train).paths, N_CALIB)], pp)
-    test = preprocess_batch([load_image(p) for p in _spread(scan_image_folder(demo_test).paths, N_TEST)], pp)
+    train_folder, test_folder = scan_image_folder(demo_train), scan_image_folder(demo_test)
+    calib_paths, test_paths = _spread(train_folder.paths, N_CALIB), _spread(test_folder.paths, N_TEST)
+    calib = preprocess_batch([load_image(p) for p in calib_paths], pp)
+    test = preprocess_batch([load_image(p) for p in test_paths], pp)
+    label_of = {p: int(y) for folder in (train_folder, test_folder) for p, y in zip(folder.paths, folder.labels)}
     with torch.no_grad():
         reference = features(torch.from_numpy(test)).numpy()
+        calib_reference = features(torch.from_numpy(calib)).numpy()
 
     root = tmp_path_factory.mktemp("tflite")
     export_onnx(features, root / "extractor.onnx", SMALL)
@@ -67,6 +71,7 @@ def graphs(tmp_path_factory: pytest.TempPathFactory, demo_train: Path, demo_test
     int8_seconds = time.perf_counter() - start
     return {"fp32": root / "extractor.tflite", "int8": root / "extractor.int8.tflite", "fp32_settings": fp32,
             "int8_settings": int8, "test": test, "reference": reference, "root": root,
+            "calib_reference": calib_reference, "calib_labels": np.array([label_of[p] for p in calib_paths]),
             "seconds": {"fp32": round(fp32_seconds, 1), "int8 (fp32 + quantize)": round(int8_seconds, 1)}}
 
 
@@ -102,6 +107,42 @@ def test_fp32_matches_pytorch_on_real_images(graphs: dict[str, Any], record_prop
     assert report["min_cosine"] > 0.9999, report
 
 
+def _reference_head_agreement(graphs: dict[str, Any], embeddings: np.ndarray) -> float:
+    """Top-1 agreement of the export gate's reference head (fitted on the calibration images' FP32 embeddings) on the
+    test images' FP32 and INT8 embeddings."""
+    from edgetl.heads import SoftmaxHead
+
+    head = SoftmaxHead().fit(graphs["calib_reference"], graphs["calib_labels"])
+    return float((head.predict(embeddings) == head.predict(graphs["reference"])).mean())
+
+
+def test_int8_mixed_precision_is_chosen_on_calibration_images(graphs: dict[str, Any]) -> None:
+    """The first k convolutions stay float for the smallest k whose calibration cosine reaches the target (the best k
+    when none does); every trial is recorded, and the float convolutions are really float in the graph."""
+    from edgetl.host.tflite_export import CONV_OPS, INT8_CALIB_COSINE, INT8_MAX_FLOAT_CONVS
+
+    settings = graphs["int8_settings"]
+    tried = settings["sensitivity"]
+    assert [t["float_convs"] for t in tried] == list(range(len(tried))) and len(tried) <= INT8_MAX_FLOAT_CONVS + 1
+    assert all(0.0 < t["calibration_mean_cosine"] <= 1.0 for t in tried)
+    reached = [t for t in tried if t["calibration_mean_cosine"] >= INT8_CALIB_COSINE]
+    if reached:
+        assert reached == [tried[-1]] and len(settings["float_nodes"]) == tried[-1]["float_convs"]
+    else:
+        assert len(tried) == INT8_MAX_FLOAT_CONVS + 1
+        best = max(tried, key=lambda t: t["calibration_mean_cosine"])
+        assert len(settings["float_nodes"]) == best["float_convs"]
+    assert all(node.split("#")[0] in CONV_OPS for node in settings["float_nodes"])
+    assert settings["mixed_precision"]["target_calibration_cosine"] == INT8_CALIB_COSINE
+    # a float convolution keeps float32 weights: count the float32 4-d constant tensors of the INT8 graph
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_path=str(graphs["int8"])).get_tensor_details()
+    float_kernels = [d for d in details if np.dtype(d["dtype"]) == np.float32 and len(d["shape"]) == 4
+                     and d["shape"][0] != 1]
+    assert (len(float_kernels) > 0) == bool(settings["float_nodes"]), [d["name"] for d in float_kernels]
+
+
 def test_int8_is_small_and_close_to_pytorch(graphs: dict[str, Any], record_property: Any) -> None:
     from edgetl.runtime.tflite import TfliteExtractor
 
@@ -118,11 +159,20 @@ def test_int8_is_small_and_close_to_pytorch(graphs: dict[str, Any], record_prope
     embeddings = extractor.embed(graphs["test"])
     assert embeddings.shape == (N_TEST, 1280) and embeddings.dtype == np.float32
     cosine = _cosines(graphs["reference"], embeddings)
+    agreement = _reference_head_agreement(graphs, embeddings)
     record_property("int8", {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
-                             "size_ratio": ratio, "bytes": graphs["int8"].stat().st_size})
-    # MobileNetV2 on these grey Fashion-MNIST images is sensitive to int8: mean cosine about 0.978 here (0.979 on all
-    # 100 test images, 0.982 with ONNX Runtime's QDQ int8 of the same model; int8 weights alone already cost 0.990)
-    assert cosine.mean() > 0.97 and cosine.min() > 0.85, cosine
+                             "agreement": agreement, "size_ratio": ratio, "bytes": graphs["int8"].stat().st_size,
+                             "float_nodes": settings["float_nodes"], "sensitivity": settings["sensitivity"]})
+    # the export gate's fidelity limits (edgetl.host.gate.GateLimits) on test images the quantizer never saw:
+    # MobileNetV2 on these grey Fashion-MNIST images loses most in its first convolutions (all-int8 mean cosine 0.969,
+    # min 0.892 at 224 px on the demo data; the first two convolutions float 0.990 / 0.981)
+    from edgetl.host.gate import GateLimits
+
+    limits = GateLimits()
+    assert cosine.mean() >= limits.min_mean_cosine and cosine.min() > 0.9, cosine
+    # reference-head agreement: 0.975 at the export's default 224 px (gate limit 0.95, met there), but at this test's
+    # 64 px the same rule measured 0.93 on the 100 test images (7 of 100 differ): held to 0.92 here
+    assert agreement >= 0.92, agreement
     # the same graph one image at a time gives the same numbers (the batch is only a resize)
     single = np.concatenate([extractor.embed(graphs["test"][i:i + 1]) for i in range(4)])
     np.testing.assert_allclose(single, embeddings[:4], atol=1e-6)
