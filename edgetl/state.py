@@ -74,11 +74,15 @@ class DeviceState:
     def meta(self, version: str) -> dict[str, Any]:
         path = self.version_dir(version) / "meta.json"
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise StateError(f"head version {version} does not exist; see `edgetl device history`") from exc
         except (OSError, ValueError) as exc:
             raise StateError(f"device state file {path} is unreadable ({exc}); roll back to another version") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+            raise StateError(f"device state file {path} holds {type(meta).__name__} data, not a head record; roll back "
+                             "to another version")
+        return meta
 
     def head_file(self, version: str) -> Path:
         return self.version_dir(version) / "head.npz"

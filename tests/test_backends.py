@@ -27,7 +27,11 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("all") / "bundle"
     args = ["export", "--model", "mobilenet_v2", "--out", str(out), "--image-size", str(SMALL), "--calib",
-            str(demo_split("train")), "--calib-size", "64", "--max-drop", "5", "--quiet"]
+            str(demo_split("train")), "--calib-size", "64", "--quiet",
+            # 64 px, not the 224 px the INT8 targets are set for (tests/test_onnx_quant.py, tools/measure_int8.py):
+            # INT8 at this size keeps its embeddings (mean cosine >= 0.97, the default) but one held-out image
+            # in 15 may change the reference head's answer, and accuracy moves by a few images
+            "--max-drop", "5", "--min-agreement", "0.9"]
     for fmt in ("onnx", "openvino", "tflite"):
         args += ["--format", fmt]
     for prec in ("none", "int8"):

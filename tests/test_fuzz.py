@@ -135,3 +135,52 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         load_image(tmp_path / "empty.png")
+
+
+record_lines = st.one_of(
+    st.binary(max_size=120),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"file": st.text(max_size=12), "status": st.sampled_from(["ok", "failed", "?"]),
+                           "key": st.text(max_size=12)}).map(lambda v: json.dumps(v).encode()))
+
+
+@FUZZ
+@given(lines=st.lists(record_lines, max_size=8), torn=st.binary(max_size=40))
+def test_arbitrary_journal_contents(lines: list[bytes], torn: bytes) -> None:
+    """The watcher's journal: any bytes in it (garbage lines, JSON of the wrong shape, a torn last write) are
+    skipped or cut off with a warning — opening it never raises, and what it kept is a whole number of lines."""
+    from edgetl.watch import Journal
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "_watch" / "results.jsonl"
+        path.parent.mkdir()
+        path.write_bytes(b"".join(line.replace(b"\n", b" ") + b"\n" for line in lines) + torn.replace(b"\n", b" "))
+        journal = Journal(path)
+        try:
+            assert journal.lines <= len(lines)
+            assert path.read_bytes().endswith(b"\n") or path.stat().st_size == 0  # a torn tail is cut off
+        finally:
+            journal.close()
+
+
+@FUZZ
+@given(current=st.binary(max_size=40), meta=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+       version=st.sampled_from(["v0001", "v0002", "bundle"]))
+def test_arbitrary_state_directory(_pretrained_bundle: Path, current: bytes, meta: bytes, version: str) -> None:
+    """The device's state directory as an operator or a bad disk may leave it: any bytes in ``state/current`` and a
+    version's ``meta.json`` give a one-line EdgeTLError or a working answer from every read-only command — never
+    another exception type."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(shutil.copytree(_pretrained_bundle, Path(tmp) / "b"))
+        heads = bundle / "state" / "heads" / version
+        heads.mkdir(parents=True, exist_ok=True)
+        (heads / "meta.json").write_bytes(meta)
+        (bundle / "state" / "current").write_bytes(current)
+        for action in (lambda rt: rt.history(), lambda rt: rt.current_version(), lambda rt: rt.info(),
+                       lambda rt: rt.load_current_head()):
+            try:
+                action(DeviceRuntime(bundle, backend="onnx", precision="fp32"))
+            except EdgeTLError as exc:
+                assert "\n" not in str(exc)

@@ -88,7 +88,7 @@ def test_device_runs_each_precision(quant_bundle: Path, precision: str, tmp_path
 
     stores = [p for p in (bundle / "state" / "store").iterdir() if p.suffix == store_path(Path(), "0" * 64).suffix]
     assert stores == [store_path(bundle / "state" / "store", rt.bundle.sha256(rt.entry.file))]
-    with pytest.raises(Exception, match="another extractor"):
+    with pytest.raises(Exception, match=f"was trained for extractor.{precision}.onnx, not extractor.onnx"):
         DeviceRuntime(bundle, backend="onnx", precision="fp32").predict([next(demo_split("test").glob("*/*.png"))])
 
 
