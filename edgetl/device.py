@@ -145,7 +145,7 @@ class DeviceRuntime:
         """The runtime session, created once; before first use it must reproduce the bundle's golden vectors."""
         if self._extractor is None:
             options: dict[str, Any] = {"providers": self.providers} if self.providers else {}
-            if self.backend == "onnx" and self.memory is not None and self.memory.budget_mb is not None:
+            if self.backend in ("onnx", "tflite") and self.memory is not None and self.memory.budget_mb is not None:
                 options["memory"] = self.memory
             extractor = load_extractor(self.backend, self.bundle.file(self.entry.file), entry=self.entry.raw,
                                        threads=self.threads, modality=self.bundle.modality, **options)
@@ -211,7 +211,8 @@ class DeviceRuntime:
             keys = [self.loader.key(p) for p in paths]
             out = np.empty((len(paths), self.bundle.feature_dim), dtype=np.float32)
             todo: list[int] = []
-            hits = store.get_many(keys) if store is not None else [None] * len(keys)
+            chunk = self.memory.store_chunk if self.memory is not None else None
+            hits = store.get_many(keys, chunk) if store is not None else [None] * len(keys)
             for i, hit in enumerate(hits):
                 if hit is None or hit.shape != (self.bundle.feature_dim,):
                     todo.append(i)
@@ -538,7 +539,7 @@ class DeviceRuntime:
         if keys is None or labels is None:
             raise StateError(f"head {version} does not record its training images; retrain it with `device train`")
         with EmbeddingStore(self.bundle.state_dir / "store", self.extractor_sha256) as store:
-            rows = store.get_many(str(k) for k in keys)
+            rows = store.get_many((str(k) for k in keys), self.memory.store_chunk if self.memory else None)
         missing = sum(r is None for r in rows)
         if missing:
             raise StateError(f"{missing} training embeddings of head {version} are missing from the store; retrain "

@@ -172,10 +172,10 @@ class EmbeddingStore:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key) is not None
 
-    def _select(self, keys: Sequence[str]) -> dict[str, bytes | None]:
+    def _select(self, keys: Sequence[str], size: int = _CHUNK) -> dict[str, bytes | None]:
         found: dict[str, bytes | None] = dict.fromkeys(keys)
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start:start + _CHUNK]
+        for start in range(0, len(keys), size):
+            chunk = keys[start:start + size]
             marks = ",".join("?" * len(chunk))
             for key, vec in self._db.execute(f"SELECT key, vec FROM embeddings WHERE key IN ({marks})", chunk):
                 found[key] = vec
@@ -184,17 +184,23 @@ class EmbeddingStore:
     def get(self, key: str) -> npt.NDArray[np.float32] | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Iterable[str]) -> list[npt.NDArray[np.float32] | None]:
-        """The embedding of each key (None where absent), in order; one query per 500 keys."""
+    def get_many(self, keys: Iterable[str], chunk: int | None = None) -> list[npt.NDArray[np.float32] | None]:
+        """The embedding of each key (None where absent), in order; one query per ``chunk`` keys (default and at most
+        500). Each chunk's blobs become arrays before the next is read, so at most one chunk of raw rows is held
+        beside the result (``chunk``: a memory budget's ``store_chunk``, :mod:`edgetl.budget`)."""
         keys = [str(k) for k in keys]
-        try:
-            saved = self._select([k for k in dict.fromkeys(keys) if k not in self._pending])
-        except sqlite3.Error as exc:
-            raise StateError(self._error("read", exc)) from exc
+        size = max(1, min(_CHUNK, int(chunk))) if chunk else _CHUNK
         out: list[npt.NDArray[np.float32] | None] = []
-        for k in keys:
-            blob = self._pending[k] if k in self._pending else saved.get(k)
-            out.append(None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32))
+        for start in range(0, len(keys), size):
+            part = keys[start:start + size]
+            try:
+                saved = self._select([k for k in dict.fromkeys(part) if k not in self._pending], size)
+            except sqlite3.Error as exc:
+                raise StateError(self._error("read", exc)) from exc
+            for k in part:
+                blob = self._pending[k] if k in self._pending else saved.get(k)
+                out.append(None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32))
+            del saved
         return out
 
     def keys(self) -> list[str]:

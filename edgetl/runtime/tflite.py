@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgetl.budget import MemorySettings
 from edgetl.errors import BundleError, RuntimeMissingError
 from edgetl.runtime.base import FeatureExtractor, check_batch
 
@@ -53,7 +54,10 @@ class TfliteExtractor(FeatureExtractor):
 
     backend = "tflite"
 
-    def __init__(self, path: Path, entry: dict[str, Any] | None = None, threads: int | None = None):
+    def __init__(self, path: Path, entry: dict[str, Any] | None = None, threads: int | None = None,
+                 memory: MemorySettings | None = None):
+        #: a memory budget's settings (edgetl.budget): batches larger than its batch_size run in slices
+        self.memory = memory
         interpreter_cls = _interpreter_class()
         path = Path(path)
         if not path.is_file():
@@ -149,6 +153,9 @@ class TfliteExtractor(FeatureExtractor):
         """Preprocessed images ``(N, 3, S, S)`` float32 NCHW → embeddings ``(N, D)`` float32."""
         batch = check_batch(batch, self.size)
         n = len(batch)
+        step = self.memory.batch_size if self.memory is not None and self.memory.budget_mb is not None else n
+        if n > step:  # under a memory budget: the interpreter's tensors are allocated for at most `step` images
+            return np.concatenate([self.embed(batch[i:i + step]) for i in range(0, n, step)])
         x = self._to_input(batch)
         if n > 1 and self._resizable:
             out = self._run_batched(x)
