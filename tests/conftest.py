@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -96,3 +97,13 @@ def make_folder(root: Path, spec: dict[str, int], source: Path) -> Path:
         for p in sorted((source / name).glob("*.png"))[:n]:
             shutil.copy(p, root / name / p.name)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _edgetl_loggers_enabled() -> None:
+    """Some libraries the tests load (Ray and Flower in the fleet tests) call ``logging.config.dictConfig``, which
+    disables every logger that exists at that moment — edgetl's included. Tests that read edgetl's warnings from the
+    log capture must not depend on which tests ran before them."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("edgetl") and isinstance(logger, logging.Logger):
+            logger.disabled = False
