@@ -4,6 +4,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,10 +101,45 @@ def make_folder(root: Path, spec: dict[str, int], source: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _edgetl_loggers_enabled() -> None:
-    """Some libraries the tests load (Ray and Flower in the fleet tests) call ``logging.config.dictConfig``, which
-    disables every logger that exists at that moment — edgetl's included. Tests that read edgetl's warnings from the
-    log capture must not depend on which tests ran before them."""
+def _edgetl_loggers_enabled() -> Iterator[None]:
+    """Libraries the tests load (Ray, Flower, absl, TensorFlow Lite's converters) reconfigure logging as they import:
+    ``dictConfig`` disables every existing logger, others raise the root level or call ``logging.disable``. Tests that
+    read edgetl's warnings from the log capture must not depend on which tests ran before them: undo that for the
+    edgetl loggers (and only for the duration of the test)."""
+    logging.disable(logging.NOTSET)
+    package = logging.getLogger("edgetl")
+    level = package.level
+    if package.getEffectiveLevel() > logging.WARNING:
+        package.setLevel(logging.WARNING)
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("edgetl") and isinstance(logger, logging.Logger):
             logger.disabled = False
+            logger.propagate = True
+    yield
+    package.setLevel(level)
+
+
+class LogLines:
+    """The messages one module logger emits during a test, read from a handler on that logger itself — independent of
+    the root logger, its handlers and levels, which libraries loaded by other tests may have reconfigured."""
+
+    def __init__(self, logger: logging.Logger):
+        self.records: list[logging.LogRecord] = []
+        self.logger = logger
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = self.records.append  # type: ignore[method-assign]
+
+    def __enter__(self) -> LogLines:
+        logging.disable(logging.NOTSET)
+        self.level, self.logger.disabled = self.logger.level, False
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)

@@ -163,12 +163,15 @@ def test_old_npz_store_is_migrated_on_first_open(tmp_path: Path) -> None:
 
 
 def test_a_damaged_store_is_set_aside_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import edgetl.store
+    from tests.conftest import LogLines
+
     (tmp_path / f"{SHA[:16]}.sqlite").write_bytes(b"this is not a database" * 100)
-    with EmbeddingStore(tmp_path, SHA) as store:
+    with LogLines(edgetl.store.log) as logged, EmbeddingStore(tmp_path, SHA) as store:
         assert len(store) == 0
         store.put("a", np.zeros(3))
         store.save()
-    assert "damaged" in caplog.text
+    assert "damaged" in logged.text
     aside = list(tmp_path.glob(f"{SHA[:16]}.sqlite.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
 
