@@ -77,10 +77,9 @@ def check_shape(width: int, height: int, what: str = "image", max_aspect: float 
                         f"more than the limit of {max_aspect:g}:1; refusing it (not a photo) — crop it first")
 
 
-def preprocess_image(image: Any, pp: Preprocessing,
-                     out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
-    """One image → float32 array of shape ``(3, S, S)`` (``S = pp.input_size``), written into ``out`` when given
-    (one float buffer per image, normalised in place, one transposing copy into the batch)."""
+def crop_image(image: Any, pp: Preprocessing) -> npt.NDArray[np.uint8]:
+    """The geometric half of :func:`preprocess_image`: RGB, shorter side resized to ``pp.resize``, centre crop of
+    ``pp.input_size``; a uint8 ``(S, S, 3)`` array in RGB order (what a graph with preprocessing inside takes)."""
     from PIL import Image
 
     rgb = to_rgb(image)
@@ -90,8 +89,14 @@ def preprocess_image(image: Any, pp: Preprocessing,
     new_w, new_h = max(pp.input_size, round(width * ratio)), max(pp.input_size, round(height * ratio))
     rgb = rgb.resize((new_w, new_h), resample=Image.Resampling(_RESAMPLE.get(pp.interpolation, 2)))
     left, top = (new_w - pp.input_size) // 2, (new_h - pp.input_size) // 2
-    rgb = rgb.crop((left, top, left + pp.input_size, top + pp.input_size))
-    array = np.asarray(rgb, dtype=np.float32)  # (S, S, 3), a fresh buffer
+    return np.asarray(rgb.crop((left, top, left + pp.input_size, top + pp.input_size)), dtype=np.uint8)
+
+
+def preprocess_image(image: Any, pp: Preprocessing,
+                     out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+    """One image → float32 array of shape ``(3, S, S)`` (``S = pp.input_size``), written into ``out`` when given
+    (one float buffer per image, normalised in place, one transposing copy into the batch)."""
+    array = crop_image(image, pp).astype(np.float32)  # (S, S, 3), a fresh buffer
     if pp.channels.upper() == "BGR":
         array = array[:, :, ::-1]
     std = np.asarray(pp.std, dtype=np.float32)
