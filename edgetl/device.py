@@ -318,8 +318,9 @@ class DeviceRuntime:
                          "reason": meta.get("reason")})
         return rows
 
-    def rollback(self, to: str | None = None, wait: float = 0.0) -> str:
-        """Make ``to`` (default: the version that was current before the current one) current again."""
+    def rollback(self, to: str | None = None, wait: float = 0.0, reason: str | None = None) -> str:
+        """Make ``to`` (default: the version that was current before the current one) current again. ``reason``
+        replaces the default reason recorded in the audit log (e.g. an operator promoting a candidate)."""
         to_given = to is not None
         with self.state.writer(wait):
             current = self.current_version()
@@ -335,7 +336,7 @@ class DeviceRuntime:
             self._load_version(to)  # exists, is readable and fits this extractor
             self.state.set_current(to)
             self._log("rollback", version=to, previous=current,
-                      reason="--to given" if to_given else "back to the version current before")
+                      reason=reason or ("--to given" if to_given else "back to the version current before"))
         return to
 
     # ------------------------------------------------------------------------------------------------------ training

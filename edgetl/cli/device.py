@@ -375,6 +375,10 @@ def drift(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any)
                f"training images; {result['unknown_fraction']:.0%} of {result['n']} images unknown)")
 
 
+from edgetl.cli.serve import serve as _serve  # noqa: E402 - `edgetl device serve`, the operator's console
+
+device.add_command(_serve)
+
 from edgetl.cli.export_model import export_model as _export_model  # `edgetl device export-model` (issue 20)
 
 device.add_command(_export_model)

@@ -1,0 +1,228 @@
+"""Active learning vs random order on Fashion-MNIST: test accuracy against labels spent, in one run.
+
+A simulated operator answers the console's label queue (:func:`edgetl.serve.queue.rank`, the exact function
+``edgetl device serve`` ranks with) with the true label (an oracle). Setting:
+
+- embeddings: real MobileNetV2 (ImageNet weights) through the device runtime, the committed 64 px FP32 ONNX bundle
+  ``tests/data/device-bundle/mnv2-64`` (torch-free; ``DeviceRuntime.embed_images``, the device's preprocessing);
+- pool: ``--pool`` unlabelled images drawn from the official *training* split; test: ``--test`` images of the official
+  *test* split, which no head ever trains on — every figure comes from them;
+- start: ``--seed-per-class`` labelled images per class (the same for both strategies), then rounds of ``--batch``
+  labels: **active** takes the top of the queue ranked by the current head (softmax, the device default, with its
+  temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
+  **random** takes the pool in a random order; the head is refitted after every round;
+- reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
+  active reaches it with at most half as many labels.
+
+Writes ``docs/results/active_learning.json`` and ``docs/active_learning.png``.
+
+    .venv/bin/python tools/measure_active_learning.py          # ~5 min on 2 cores (embedding ~2 min, cached)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgetl.heads import make_head
+from edgetl.novelty import Novelty, calibrated_proba, fit_temperature
+from edgetl.serve.queue import rank
+
+BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
+CACHE = ROOT / ".cache" / "active_learning"
+
+
+def embeddings(pool: int, test: int, seed: int, threads: int) -> dict[str, np.ndarray]:
+    """Pool (training split) and test (test split) embeddings with labels; cached under .cache/."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cache = CACHE / f"mnv2-64_pool{pool}_test{test}_seed{seed}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    from edgetl.datasets.fashion_mnist import load_split
+    from edgetl.device import DeviceRuntime
+
+    rng = np.random.default_rng(seed)
+    rt = DeviceRuntime(BUNDLE, backend="onnx", precision="fp32", threads=threads)
+    out: dict[str, np.ndarray] = {}
+    for split, n, name in (("train", pool, "pool"), ("test", test, "test")):
+        images, labels = load_split(split)
+        idx = np.sort(rng.choice(len(labels), n, replace=False))
+        start = time.perf_counter()
+        out[f"{name}_X"] = rt.embed_images([images[i] for i in idx])
+        out[f"{name}_y"] = labels[idx].astype(np.int64)
+        print(f"embedded {n} {split} images in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    np.savez(cache, **out)
+    return out
+
+
+def fit(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[object, float | None, Novelty | None]:
+    """The device's softmax head with a temperature from a held-out fifth (as ``device train``), refitted on all."""
+    from edgetl.data import stratified_split
+
+    head = make_head("softmax", seed=seed)
+    tr, va = stratified_split(y, 0.2, seed)
+    temperature = None
+    if len(va) and len(np.unique(y[tr])) >= 2:
+        part = make_head("softmax", seed=seed).fit(X[tr], y[tr])
+        temperature = fit_temperature(part.decision_function(X[va]), y[va])
+    head.fit(X, y)
+    novelty = Novelty.fit(X[tr], y[tr], X[va]) if len(va) and len(np.unique(y[tr])) >= 2 else None
+    return head, temperature, novelty
+
+
+def accuracy(head: object, X: np.ndarray, y: np.ndarray) -> float:
+    return float((head.predict(X) == y).mean())  # type: ignore[attr-defined]
+
+
+def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, budget: int, batch: int,
+                 seed: int) -> list[dict[str, float]]:
+    X, y, Xt, yt = data["pool_X"], data["pool_y"], data["test_X"], data["test_y"]
+    rng = np.random.default_rng(seed + 1)
+    labelled = list(seed_idx)
+    rest = np.setdiff1d(np.arange(len(y)), seed_idx)
+    random_order = list(rng.permutation(rest))
+    curve = []
+    while True:
+        idx = np.array(labelled)
+        head, temperature, novelty = fit(X[idx], y[idx], seed)
+        curve.append({"labels": len(labelled), "accuracy": accuracy(head, Xt, yt)})
+        if len(labelled) >= budget:
+            break
+        take = min(batch, budget - len(labelled))
+        if name == "random":
+            chosen = random_order[:take]
+            random_order = random_order[take:]
+        else:
+            mask = np.ones(len(y), dtype=bool)
+            mask[idx] = False
+            candidates = np.flatnonzero(mask)
+            proba = calibrated_proba(head, X[candidates], temperature)
+            scores = novelty.score(X[candidates]) if novelty is not None else None
+            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None)
+            chosen = list(candidates[ranking.order[:take]])
+        labelled.extend(int(i) for i in chosen)
+    return curve
+
+
+def first_reaching(curve: list[dict[str, float]], target: float) -> int | None:
+    return next((int(p["labels"]) for p in curve if p["accuracy"] >= target), None)
+
+
+def plot(result: dict, out: Path) -> None:
+    """The curves as a PNG drawn with Pillow (matplotlib is not a dependency of edgetl)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H, left, right, top, bottom = 880, 520, 70, 20, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13) if hasattr(ImageFont, "load_default") else None
+    curves, ref = result["curves"], result["reference"]
+    xmax = result["settings"]["budget"]
+    accs = [p["accuracy"] for c in curves.values() for p in c] + [ref["accuracy"]]
+    ylo = max(0.0, np.floor(min(accs) * 20) / 20 - 0.02)
+    yhi = min(1.0, np.ceil(max(accs) * 20) / 20)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (W - left - right) * x / xmax, top + (H - top - bottom) * (1 - (y - ylo) / (yhi - ylo)))
+
+    for k in range(11):  # grid and axes labels
+        x = xmax * k / 10
+        d.line([px(x, ylo), px(x, yhi)], fill="#eeeeee")
+        d.text((px(x, ylo)[0], H - bottom + 6), f"{int(x)}", fill="black", font=font, anchor="ma")
+    y = ylo
+    while y <= yhi + 1e-9:
+        d.line([px(0, y), px(xmax, y)], fill="#eeeeee")
+        d.text((left - 6, px(0, y)[1]), f"{100 * y:.0f}%", fill="black", font=font, anchor="rm")
+        y += 0.05
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.line([px(0, ref["accuracy"]), px(xmax, ref["accuracy"])], fill="#7f8c8d", width=1)
+    d.text((px(xmax, ref["accuracy"])[0] - 4, px(xmax, ref["accuracy"])[1] + 4),
+           f"100 random labels per class: {100 * ref['accuracy']:.1f}%", fill="#555555", font=font, anchor="ra")
+    colours = {"active": "#c0392b", "random": "#2c3e50"}
+    for name, c in curves.items():
+        d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours[name], width=3)
+    reached = result["active_labels_to_reference"]
+    if reached:
+        d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
+        d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
+               fill="#c0392b", font=font)
+    d.text((left + 10, top + 10), "active: label queue (uncertainty + novelty)", fill=colours["active"], font=font)
+    d.text((left + 10, top + 28), "random: random order", fill=colours["random"], font=font)
+    s = result["settings"]
+    d.text((W / 2, 12), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool']} (train split), test {s['test']} "
+           "(test split, never trained on)", fill="black", font=font, anchor="ma")
+    d.text((W / 2, H - 22), "labels spent", fill="black", font=font, anchor="ma")
+    d.text((8, top - 22), "test accuracy", fill="black", font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", type=int, default=10000)
+    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--seed-per-class", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=1000)
+    ap.add_argument("--ref-seeds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "active_learning.json")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "active_learning.png")
+    ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the JSON.")
+    args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.json.read_text()), args.png)
+        return
+    start = time.perf_counter()
+    data = embeddings(args.pool, args.test, args.seed, args.threads)
+    y = data["pool_y"]
+    classes = np.unique(y)
+    rng = np.random.default_rng(args.seed)
+    seed_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), args.seed_per_class, replace=False) for c in classes])
+    ref = []
+    for s in range(args.ref_seeds):
+        r = np.random.default_rng(1000 + s)
+        idx = np.concatenate([r.choice(np.flatnonzero(y == c), 100, replace=False) for c in classes])
+        head, _, _ = fit(data["pool_X"][idx], y[idx], args.seed)
+        ref.append(accuracy(head, data["test_X"], data["test_y"]))
+    reference = {"labels": 100 * len(classes), "accuracy": float(np.mean(ref)), "per_draw": ref}
+    print(f"reference: 100 random labels per class -> {reference['accuracy']:.4f}", file=sys.stderr)
+    curves = {}
+    for name in ("active", "random"):
+        t = time.perf_counter()
+        curves[name] = run_strategy(name, data, seed_idx, args.budget, args.batch, args.seed)
+        print(f"{name}: {curves[name][-1]['accuracy']:.4f} at {args.budget} labels "
+              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    reached = first_reaching(curves["active"], reference["accuracy"])
+    random_reached = first_reaching(curves["random"], reference["accuracy"])
+    result = {
+        "settings": {"pool": args.pool, "test": args.test, "seed_per_class": args.seed_per_class, "batch": args.batch,
+                     "budget": args.budget, "seed": args.seed, "bundle": str(BUNDLE.relative_to(ROOT)),
+                     "head": "softmax (temperature from a held-out fifth)", "ranking": "edgetl.serve.queue.rank"},
+        "reference": reference,
+        "curves": curves,
+        "active_labels_to_reference": reached,
+        "random_labels_to_reference": random_reached,
+        "target": f"active reaches the reference with <= {reference['labels'] // 2} labels",
+        "target_met": reached is not None and reached <= reference["labels"] // 2,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.png)
+    print(json.dumps({k: result[k] for k in ("reference", "active_labels_to_reference", "random_labels_to_reference",
+                                             "target_met", "seconds")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
