@@ -23,6 +23,7 @@ from edgetl.datasets.fashion_mnist import CLASSES
 from edgetl.device import DeviceRuntime
 from edgetl.errors import BundleError, DataError
 from edgetl.fleet import core
+from edgetl.fleet.app import FleetConfig
 from edgetl.heads import NCMHead, SoftmaxHead, load_head
 
 #: four devices, each knowing six of the ten classes (different sixes), each holding its own half of the images
@@ -115,7 +116,7 @@ def test_federated_ncm_equals_central_and_devices_adopt_it(fleet: dict, tmp_path
 def test_federated_lbfgs_softmax_equals_central(fleet: dict, tmp_path: Path) -> None:
     result = _simulate(fleet, "softmax", tmp_path / "out", strategy="lbfgs")
     fed = load_head(tmp_path / "out" / "head.npz")
-    central = SoftmaxHead().fit(fleet["X"], fleet["y"])
+    central = SoftmaxHead(l2=FleetConfig.l2).fit(fleet["X"], fleet["y"])  # the fleet's objective, fitted centrally
     assert 2 <= result.rounds <= 60 and len(result.rejected) == 1
     agree = float((fed.predict(fleet["X_test"]) == central.predict(fleet["X_test"])).mean())
     acc_fed = float((fed.predict(fleet["X_test"]) == fleet["y_test"]).mean())
@@ -131,7 +132,7 @@ def test_federated_softmax_within_two_points_of_central(fleet: dict, tmp_path: P
     result = _simulate(fleet, "softmax", tmp_path / "out", rounds=60)
     assert result.rounds == 60 and len(result.rejected) == 1
     fed = load_head(tmp_path / "out" / "head.npz")
-    central = SoftmaxHead().fit(fleet["X"], fleet["y"])
+    central = SoftmaxHead(l2=FleetConfig.l2).fit(fleet["X"], fleet["y"])
     acc_fed = float((fed.predict(fleet["X_test"]) == fleet["y_test"]).mean())
     acc_central = float((central.predict(fleet["X_test"]) == fleet["y_test"]).mean())
     assert acc_fed >= acc_central - 0.02, (acc_fed, acc_central)

@@ -255,6 +255,16 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
 
 
 # ------------------------------------------------------------------------------------------------------ the server
+def _content_digest(reply: Any) -> str:
+    """sha256 over a reply's arrays (name and bytes, in name order): a key that orders replies by what they say."""
+    digest = hashlib.sha256()
+    arrays = reply.content["arrays"]
+    for name in sorted(arrays.keys()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name].numpy()).tobytes())
+    return digest.hexdigest()
+
+
 def _bytes(content: Any) -> int:
     """Payload bytes of a message's records (arrays, metrics, configs) as Flower counts them."""
     total = 0
@@ -400,7 +410,9 @@ def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[
                                   "raise --timeout or check the SuperNodes")
             result.bytes_up.append({str(r.metadata.src_node_id): _bytes(r.content) for r in replies})
             result.rounds += 1
-            return super().aggregate_train(server_round, replies)
+            # aggregate in an order fixed by the replies' content, not by their arrival: the same fleet then gives
+            # the same head (float sums depend on their order, and 60 rounds of line searches amplify that)
+            return super().aggregate_train(server_round, sorted(replies, key=_content_digest))
 
     n_classes, dim = len(stats.classes), len(stats.mean)
     initial = fa.ArrayRecord({"coef": fa.Array(np.zeros((n_classes, dim), np.float32)),
