@@ -28,7 +28,7 @@ from edgetl.cli import main
 from edgetl.device import DeviceRuntime
 from edgetl.serve.app import ServeSettings, create_app
 from edgetl.serve.console import Console, check_label
-from edgetl.serve.queue import rank
+from edgetl.serve.queue import NOVELTY_WEIGHT, rank
 from tests.conftest import make_folder
 
 TOKEN = "test-token-0123456789abcdef"
@@ -161,10 +161,12 @@ def test_results_thumbnails_and_queue_ranking(served: tuple[Served, Path, Path])
     status, _, q = s.request("GET", "/api/queue?limit=30")
     assert status == 200 and q["length"] == 30 and q["classes"] == KNOWN and len(q["items"]) == 30
     priorities = [i["priority"] for i in q["items"]]
+    threshold = _threshold(s)
     assert priorities == sorted(priorities, reverse=True)  # ranked by priority, highest first
     for item in q["items"]:
-        assert item["priority"] == pytest.approx(0.7 * (1 - item["margin"]) + 0.3 * min(item["novelty_now"] /
-                                                  _threshold(s), 2) / 2, abs=1e-5)
+        excess = min(max(item["novelty_now"] / threshold - 1, 0), 1)
+        assert item["priority"] == pytest.approx((1 - NOVELTY_WEIGHT) * (1 - item["margin"]) + NOVELTY_WEIGHT * excess,
+                                                 abs=1e-5)
     ids = [i["id"] for i in q["items"]]
     assert ids != sorted(ids) and ids != sorted(ids, reverse=True)  # not arrival order
     # the sneaker images (a class the head does not know) rank above the known classes on average
@@ -186,7 +188,7 @@ def test_rank_orders_by_margin_and_novelty() -> None:
     # a confident but novel image rises above an uncertain familiar one
     proba = np.array([[0.9, 0.1], [0.8, 0.2]])
     r = rank(proba, novelty=np.array([4.0, 0.2]), threshold=1.0)
-    assert r.order[0] == 0 and r.novelty_term is not None and r.novelty_term[0] == 1.0
+    assert r.order[0] == 0 and r.novelty_term is not None and r.novelty_term.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError):
         rank(np.zeros(3))
 

@@ -14,6 +14,13 @@ if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null; then
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||
     echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests and measurements will be skipped" >&2
 fi
+# the operator console's browser test (tests/test_serve_browser.py) drives Debian's chromium through chromium-driver
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
+  say "installing Debian's chromium and chromium-driver (apt) for the console's browser test ..."
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } ||
+    echo "warning: could not install chromium and chromium-driver; the console's browser test will be skipped" >&2
+fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || { say "creating .venv ($("$PY" --version))"; "$PY" -m venv .venv; }

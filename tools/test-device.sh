@@ -4,7 +4,8 @@
 #   bash tools/test-device.sh            # extra arguments go to pytest, e.g. -x or -k golden
 #
 # 1. creates .venv-device (python3 -m venv) and installs the package with the device runtime and the test tools only:
-#    -e ".[onnx,dev]" (dev = pytest, hypothesis, scikit-image for its sample photos) and onnx (the graph library, which
+#    -e ".[onnx,dev,serve]" (dev = pytest, hypothesis, scikit-image for its sample photos; serve = the console's
+#    starlette, uvicorn, prometheus-client) and onnx (the graph library, which
 #    some tests use to build or edit a graph; no torch), constrained by the repository's lock file if it has one;
 # 2. proves torch is absent (exits 1 if `import torch` works there);
 # 3. runs every device-side test: all but those marked host (need torch or the weight wheels), install (make venvs of
@@ -25,9 +26,9 @@ for lock in requirements/lock.txt requirements/constraints.txt requirements/devi
             requirements-lock.txt; do
   if [ -f "$lock" ]; then constraints=(-c "$lock"); echo "[device lane] constraints: $lock"; break; fi
 done
-echo "[device lane] installing -e .[onnx,dev] and onnx (no torch) ..."
+echo "[device lane] installing -e .[onnx,dev,serve] and onnx (no torch) ..."
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "${constraints[@]}" -e ".[onnx,dev]" onnx
+"$VENV/bin/python" -m pip install -q "${constraints[@]}" -e ".[onnx,dev,serve]" onnx
 
 if "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "[device lane] error: torch is importable in $VENV; the device lane must run without it" >&2

@@ -28,7 +28,7 @@ import numpy as np
 from edgetl.data import IMAGE_SUFFIXES, ImageFolder, Sample
 from edgetl.errors import DataError, NotFittedError, StateError
 from edgetl.novelty import calibrated_proba
-from edgetl.serve.queue import rank
+from edgetl.serve.queue import NOVELTY_WEIGHT, rank
 from edgetl.state import BUNDLE_HEAD, check_version
 
 if TYPE_CHECKING:
@@ -232,7 +232,6 @@ class Console:
         self._labels: dict[str, LabelRecord] = {}
         self._labels_file = self.results.with_name(LABELS_FILE) if self.results is not None else None
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._ranked: tuple[Any, ...] | None = None
         self._upload_dir = Path(tempfile.mkdtemp(prefix="edgetl-serve-"))
         self._uploads = 0
         self._load_labels()
@@ -287,7 +286,6 @@ class Console:
             while len(self._items) > 4 * self.pool:  # forget the oldest
                 _, gone = self._items.popitem(last=False)
                 self._by_file.pop(gone.file, None)
-            self._ranked = None
 
     def item(self, item_id: int) -> Item:
         self.refresh()
@@ -404,7 +402,8 @@ class Console:
         self.metrics.queue_length.set(len(items))
         return {"head_version": version, "classes": classes, "length": len(items), "items": out,
                 "inbox": str(self.inbox) if self.inbox else None,
-                "ranking": "priority = 0.7 x (1 - margin of calibrated probabilities) + 0.3 x novelty / threshold"}
+                "ranking": f"priority = {1 - NOVELTY_WEIGHT:g} x (1 - margin of the calibrated probabilities) + "
+                           f"{NOVELTY_WEIGHT:g} x clip(novelty / threshold - 1, 0, 1)"}
 
     # ---------------------------------------------------------------------------------------------------- labels
     def _load_labels(self) -> None:
@@ -452,7 +451,6 @@ class Console:
             finally:
                 os.close(fd)
             self._labels[key] = record
-            self._ranked = None
         self.metrics.labels.inc()
         return record
 
@@ -549,8 +547,6 @@ class Console:
         return made
 
     def _after_change(self) -> None:
-        with self._lock:
-            self._ranked = None
         self._update_head_metric()
 
     def _update_head_metric(self) -> None:

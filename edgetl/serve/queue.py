@@ -6,9 +6,11 @@ An image earns its place by how much a label would teach the head:
   (the head's temperature applied, :func:`edgetl.novelty.calibrated_proba`): an image the head hesitates between two
   classes on lies near a decision boundary, where a label moves the boundary most (margin sampling, Scheffer et al.
   2001; Settles 2009 §3.1). The normalised entropy is reported beside it;
-- **novelty** — the image's novelty score divided by the novelty threshold (the 95th percentile of held-out known
-  images, :class:`edgetl.novelty.Novelty`), clipped to [0, 2] and halved: 0.5 at the threshold. Images unlike every
-  known class (perhaps a class the head does not know yet) rise, even when the head is (wrongly) confident.
+- **novelty** — how far the image's novelty score lies *beyond* the novelty threshold (the 95th percentile of held-out
+  known images, :class:`edgetl.novelty.Novelty`): ``clip(score / threshold - 1, 0, 1)``, 0 for every image that looks
+  like a known class, 1 at twice the threshold. Images unlike every known class (perhaps a class the head does not
+  know yet) rise even when the head is (wrongly) confident; familiar images are ranked by uncertainty alone (a novelty
+  term that also ranked familiar images pulled in outliers and cost accuracy: see the README's measurement).
 
 ``priority = (1 - w) * uncertainty + w * novelty_term`` (``w`` = :data:`NOVELTY_WEIGHT`). Arrival order plays no part.
 ``tools/measure_active_learning.py`` measures this exact function against random order on Fashion-MNIST.
@@ -54,7 +56,7 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
     uncertainty = 1.0 - margin
     novelty_term = None
     if novelty is not None and threshold:
-        novelty_term = np.clip(np.asarray(novelty, dtype=np.float64) / float(threshold), 0.0, 2.0) / 2.0
+        novelty_term = np.clip(np.asarray(novelty, dtype=np.float64) / float(threshold) - 1.0, 0.0, 1.0)
         priority = (1.0 - novelty_weight) * uncertainty + novelty_weight * novelty_term
     else:
         priority = uncertainty
