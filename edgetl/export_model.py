@@ -85,6 +85,7 @@ class ExportedModel:
     metadata: dict[str, str]
     check: ExportCheck
     seconds: float = 0.0
+    #: the OpenSSF model-signing signature (``FILE.sig``) when asked for
     signature: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -508,7 +509,8 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
                  version: str | None = None, with_preprocessing: bool = False, novelty: bool = False,
                  images: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
                  precision: str | None = None, threads: int | None = None,
-                 trust: str | os.PathLike[str] | None = None, profile: str | None = None) -> ExportedModel:
+                 trust: str | os.PathLike[str] | None = None, profile: str | None = None,
+                 sign: str | os.PathLike[str] | None = None) -> ExportedModel:
     """Compose the bundle's ONNX extractor and head ``version`` (default: the current one) into one graph, check it
     against ``device predict`` and write it to ``out`` in format ``fmt`` (see :data:`FORMATS`).
 
@@ -516,7 +518,9 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
     caller) and normalises them itself. ``novelty``: also output the novelty score ``(N,)`` and ``unknown`` (score
     above the threshold). ``images``: held-out images to check on (a folder or files; default: 40 of the embedded demo
     test images), besides the bundle's golden inputs. ``precision``: which ONNX extractor (default: the one the head
-    was trained on). Raises :class:`ExportValidationError` (nothing written) when the graph disagrees."""
+    was trained on). ``sign``: an ECDSA private key; the written ONNX file gets an OpenSSF model-signing signature
+    ``out.sig`` (:mod:`edgetl.openssf`). Raises :class:`ExportValidationError` (nothing written) when the graph
+    disagrees."""
     start = time.perf_counter()
     if fmt in NOT_SUPPORTED:
         raise DataError(f"--format {fmt} is not supported: {NOT_SUPPORTED[fmt]}")
@@ -530,6 +534,15 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
     from edgetl.state import BUNDLE_HEAD
 
     out = Path(out)
+    if sign is not None and fmt != "onnx":
+        raise DataError("--sign signs one file; an OpenVINO IR is two (.xml, .bin): sign their folder with "
+                        "model_signing, or export --format onnx --sign")
+    if sign is not None:
+        from edgetl.openssf import is_ec_key
+
+        if not is_ec_key(sign, private=True):
+            raise DataError(f"--sign {sign} is not an ECDSA private key (OpenSSF model signing takes elliptic-curve "
+                            "keys): edgetl keys generate --out KEY --type ecdsa-p256")
     if not out.parent.is_dir():
         raise DataError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     rt = DeviceRuntime(bundle, backend="onnx", precision=precision or _head_precision(bundle, version),
@@ -580,24 +593,31 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
     check = _check(candidate, batches, limit, n_golden, nov,
                    NOVELTY_LIMIT if limit <= PROBABILITY_LIMIT["fp32"] else OTHER_RUNTIME_NOVELTY_LIMIT)
     files = candidate.write(out)
+    signature = None
+    if sign is not None:
+        from edgetl.openssf import sign_path
+
+        signature = sign_path(out, sign)
     shape = ["batch", pp.input_size, pp.input_size, 3] if with_preprocessing else ["batch", 3, pp.input_size,
                                                                                      pp.input_size]
     return ExportedModel(out, files, fmt, name, metadata["head_kind"], rt.entry.file, rt.precision,
                          {in_name: shape}, json.loads(metadata["outputs"]), metadata, check,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, signature)
 
 
 def _head_precision(bundle: str | os.PathLike[str], version: str | None) -> str | None:
-    """Precision of the ONNX extractor head ``version`` (default: the current one) was trained on; None when it is
-    the bundle's own head or another runtime's (the runtime then picks the profile's ONNX graph and says why not)."""
+    """Precision of the ONNX extractor head ``version`` (default: the current one) was trained on (the bundle's own
+    head: FP32); None when unknown (the runtime then picks the profile's ONNX graph and checks the head fits it)."""
     from edgetl.bundle import Bundle
     from edgetl.state import BUNDLE_HEAD, DeviceState
 
-    b = Bundle.load(bundle, verify=False)
-    state = DeviceState(b.state_dir)
     try:
-        name = version or state.current()
-        owner = state.meta(name).get("extractor") if name and name != BUNDLE_HEAD else None
+        b = Bundle.load(bundle, verify=False)
+        state = DeviceState(b.state_dir)
+        name = version or state.current() or (BUNDLE_HEAD if b.manifest.get("head") else None)
+        if name == BUNDLE_HEAD:  # the host's head belongs to the FP32 graph it was checked with
+            return "fp32" if any(e.format == "onnx" and e.precision == "fp32" for e in b.extractors()) else None
+        owner = state.meta(name).get("extractor") if name else None
     except (StateError, BundleError):
         return None
     entry = next((e for e in b.extractors() if e.file == owner), None)

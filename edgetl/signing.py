@@ -1,4 +1,5 @@
-"""Ed25519 signatures over the bundle manifest (which covers every file by sha256).
+"""Ed25519 signatures over the bundle manifest (which covers every file by sha256); ECDSA keys sign and verify in the
+OpenSSF model-signing format instead (:mod:`edgetl.openssf`).
 
 ``manifest.sig`` holds the raw 64-byte signature of ``manifest.json``'s exact bytes. Keys are PEM files: the private
 key (PKCS#8, written with mode 0600) and ``KEY.pub`` (SubjectPublicKeyInfo). Uses the ``cryptography`` package.
@@ -72,8 +73,13 @@ def generate_keys(out: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 
 def sign_bundle(bundle: str | os.PathLike[str], key: str | os.PathLike[str]) -> Path:
-    """Sign ``bundle/manifest.json`` with the private key file ``key``; write ``bundle/manifest.sig``."""
+    """Sign ``bundle/manifest.json`` with the private key file ``key``; write ``bundle/manifest.sig``. An ECDSA key
+    writes an OpenSSF model-signing signature, ``bundle/model.sig``, instead (:mod:`edgetl.openssf`)."""
     serialization, ed25519 = _crypto()
+    from edgetl import openssf
+
+    if openssf.is_ec_key(key, private=True):
+        return openssf.sign_bundle(bundle, key)
     try:
         private = serialization.load_pem_private_key(read_small_file(key, MAX_KEY_BYTES, "private key"),
                                                      password=None)
@@ -117,7 +123,14 @@ def verify_manifest(signature: bytes | None, manifest_bytes: bytes, public_key: 
 
 
 def verify_signature(bundle: Path, manifest_bytes: bytes, public_key: str | os.PathLike[str]) -> None:
-    """Raise :class:`BundleError` unless ``manifest.sig`` is a valid signature of ``manifest_bytes`` by the key."""
+    """Raise :class:`BundleError` unless ``manifest.sig`` is a valid signature of ``manifest_bytes`` by the key (an
+    ECDSA key: unless ``model.sig`` is a valid OpenSSF signature of the bundle's files, this manifest included)."""
+    _crypto()
+    from edgetl import openssf
+
+    if openssf.is_ec_key(public_key):
+        openssf.verify_bundle(bundle, manifest_bytes, public_key)
+        return
     load_public_key(public_key)  # a bad key is reported before a missing signature
     sig_path = bundle / SIGNATURE
     signature = read_small_file(sig_path, MAX_SIGNATURE_BYTES, "signature") if sig_path.is_file() else None

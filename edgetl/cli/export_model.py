@@ -27,17 +27,20 @@ import click
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads for the check.")
 @click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
               help="Public key (KEY.pub): refuse an unsigned or badly signed bundle [env EDGETL_TRUST].")
+@click.option("--sign", "sign", type=click.Path(path_type=Path), default=None,
+              help="ECDSA private key (edgetl keys generate --type ecdsa-p256): also write an OpenSSF model-signing "
+                   "signature OUT.sig (ONNX only).")
 @click.option("--json", "as_json", is_flag=True)
 def export_model(bundle: Path, out: Path, fmt: str, version: str | None, with_preprocessing: bool, novelty: bool,
                  images: Path | None, precision: str | None, threads: int | None, trust: Path | None,
-                 as_json: bool) -> None:
+                 sign: Path | None, as_json: bool) -> None:
     """Write the frozen extractor + a head as ONE standard graph giving calibrated probabilities (checked against
     device predict before it is written; labels and preprocessing in its metadata)."""
     from edgetl.cli.device import _trust_option
     from edgetl.export_model import export_model as run
 
     result = run(bundle, out, fmt=fmt, version=version, with_preprocessing=with_preprocessing, novelty=novelty,
-                 images=images, precision=precision, threads=threads, trust=_trust_option(trust))
+                 images=images, precision=precision, threads=threads, trust=_trust_option(trust), sign=sign)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -49,3 +52,6 @@ def export_model(bundle: Path, out: Path, fmt: str, version: str | None, with_pr
     click.echo(f"checked with {c.runtime} against device predict on {c.n_golden} golden inputs and {c.n_images} "
                f"held-out images: top-1 agreement {c.top1_agreement:.3f}, max probability difference "
                f"{c.max_probability_diff:.1e} (limit {c.limit:.0e})")
+    if result.signature is not None:
+        click.echo(f"signed: {result.signature} (OpenSSF model signing; verify: model_signing verify key {out} "
+                   f"--signature {result.signature} --public_key KEY.pub)")
