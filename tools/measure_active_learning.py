@@ -1,7 +1,7 @@
 """Active learning vs random order on Fashion-MNIST: test accuracy against labels spent, in one run.
 
 A simulated operator answers the console's label queue (:func:`edgetl.serve.queue.rank`, the exact function
-``edgetl device serve`` ranks with) with the true label (an oracle). Setting:
+``edgetl device serve`` orders its queue with) with the true label (an oracle). Setting:
 
 - embeddings: real MobileNetV2 (ImageNet weights) through the device runtime, the committed 64 px FP32 ONNX bundle
   ``tests/data/device-bundle/mnv2-64`` (torch-free; ``DeviceRuntime.embed_images``, the device's preprocessing);
@@ -93,7 +93,10 @@ def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, b
     curve = []
     while True:
         idx = np.array(labelled)
-        head, temperature, novelty = fit(X[idx], y[idx], seed)
+        if name == "random":  # accuracy only: no temperature or novelty model needed
+            head, temperature, novelty = make_head("softmax", seed=seed).fit(X[idx], y[idx]), None, None
+        else:
+            head, temperature, novelty = fit(X[idx], y[idx], seed)
         curve.append({"labels": len(labelled), "accuracy": accuracy(head, Xt, yt)})
         if len(labelled) >= budget:
             break
@@ -126,7 +129,8 @@ def plot(result: dict, out: Path) -> None:
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13) if hasattr(ImageFont, "load_default") else None
     curves, ref = result["curves"], result["reference"]
-    xmax = result["settings"]["budget"]
+    budget = result["settings"]["budget"]
+    xmax = max(budget.values()) if isinstance(budget, dict) else budget
     accs = [p["accuracy"] for c in curves.values() for p in c] + [ref["accuracy"]]
     ylo = max(0.0, np.floor(min(accs) * 20) / 20 - 0.02)
     yhi = min(1.0, np.ceil(max(accs) * 20) / 20)
@@ -159,7 +163,8 @@ def plot(result: dict, out: Path) -> None:
     d.text((left + 10, top + 28), "random: random order", fill=colours["random"], font=font)
     s = result["settings"]
     d.text((W / 2, 12), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool']} (train split), test {s['test']} "
-           "(test split, never trained on)", fill="black", font=font, anchor="ma")
+           f"(test split, never trained on); mean of {s.get('trials', 1)} trials", fill="black", font=font,
+           anchor="ma")
     d.text((W / 2, H - 22), "labels spent", fill="black", font=font, anchor="ma")
     d.text((8, top - 22), "test accuracy", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +177,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--seed-per-class", type=int, default=2)
     ap.add_argument("--batch", type=int, default=20)
-    ap.add_argument("--budget", type=int, default=1000)
+    ap.add_argument("--budget", type=int, default=1000, help="Labels the random order spends.")
+    ap.add_argument("--active-budget", type=int, default=600, help="Labels the active queue spends.")
+    ap.add_argument("--trials", type=int, default=3, help="Seed labels and random orders drawn; curves averaged.")
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -187,33 +194,46 @@ def main() -> None:
     data = embeddings(args.pool, args.test, args.seed, args.threads)
     y = data["pool_y"]
     classes = np.unique(y)
-    rng = np.random.default_rng(args.seed)
-    seed_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), args.seed_per_class, replace=False) for c in classes])
     ref = []
     for s in range(args.ref_seeds):
         r = np.random.default_rng(1000 + s)
         idx = np.concatenate([r.choice(np.flatnonzero(y == c), 100, replace=False) for c in classes])
-        head, _, _ = fit(data["pool_X"][idx], y[idx], args.seed)
+        head = make_head("softmax", seed=args.seed).fit(data["pool_X"][idx], y[idx])
         ref.append(accuracy(head, data["test_X"], data["test_y"]))
     reference = {"labels": 100 * len(classes), "accuracy": float(np.mean(ref)), "per_draw": ref}
     print(f"reference: 100 random labels per class -> {reference['accuracy']:.4f}", file=sys.stderr)
-    curves = {}
-    for name in ("active", "random"):
-        t = time.perf_counter()
-        curves[name] = run_strategy(name, data, seed_idx, args.budget, args.batch, args.seed)
-        print(f"{name}: {curves[name][-1]['accuracy']:.4f} at {args.budget} labels "
-              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    trials: dict[str, list[list[dict[str, float]]]] = {"active": [], "random": []}
+    budgets = {"active": args.active_budget, "random": args.budget}
+    for trial in range(args.trials):
+        rng = np.random.default_rng(args.seed + trial)  # each trial: its own seed labels and random order
+        seed_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), args.seed_per_class, replace=False)
+                                   for c in classes])
+        for name in ("active", "random"):
+            t = time.perf_counter()
+            curve = run_strategy(name, data, seed_idx, budgets[name], args.batch, args.seed + trial)
+            trials[name].append(curve)
+            print(f"trial {trial} {name}: {curve[-1]['accuracy']:.4f} at {budgets[name]} labels, reaches the "
+                  f"reference at {first_reaching(curve, reference['accuracy'])} ({time.perf_counter() - t:.0f} s)",
+                  file=sys.stderr)
+    curves = {name: [{"labels": pts[0]["labels"], "accuracy": float(np.mean([p["accuracy"] for p in pts]))}
+                     for pts in zip(*runs)] for name, runs in trials.items()}
     reached = first_reaching(curves["active"], reference["accuracy"])
     random_reached = first_reaching(curves["random"], reference["accuracy"])
+    per_trial = {name: [first_reaching(c, reference["accuracy"]) for c in runs] for name, runs in trials.items()}
     result = {
+        "command": "python tools/measure_active_learning.py " + " ".join(sys.argv[1:]),
         "settings": {"pool": args.pool, "test": args.test, "seed_per_class": args.seed_per_class, "batch": args.batch,
-                     "budget": args.budget, "seed": args.seed, "bundle": str(BUNDLE.relative_to(ROOT)),
-                     "head": "softmax (temperature from a held-out fifth)", "ranking": "edgetl.serve.queue.rank"},
+                     "budget": budgets, "trials": args.trials, "seed": args.seed,
+                     "bundle": str(BUNDLE.relative_to(ROOT)),
+                     "head": "softmax (temperature from a held-out fifth for the ranking)",
+                     "ranking": "edgetl.serve.queue.rank"},
         "reference": reference,
         "curves": curves,
+        "trials": trials,
         "active_labels_to_reference": reached,
         "random_labels_to_reference": random_reached,
-        "target": f"active reaches the reference with <= {reference['labels'] // 2} labels",
+        "labels_to_reference_per_trial": per_trial,
+        "target": f"active (mean of the trials) reaches the reference with <= {reference['labels'] // 2} labels",
         "target_met": reached is not None and reached <= reference["labels"] // 2,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -221,7 +241,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.png)
     print(json.dumps({k: result[k] for k in ("reference", "active_labels_to_reference", "random_labels_to_reference",
-                                             "target_met", "seconds")}, indent=2))
+                                             "labels_to_reference_per_trial", "target_met", "seconds")}, indent=2))
 
 
 if __name__ == "__main__":

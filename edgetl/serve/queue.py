@@ -13,7 +13,6 @@ An image earns its place by how much a label would teach the head:
   term that also ranked familiar images pulled in outliers and cost accuracy: see the README's measurement).
 
 ``priority = (1 - w) * uncertainty + w * novelty_term`` (``w`` = :data:`NOVELTY_WEIGHT`). Arrival order plays no part.
-``tools/measure_active_learning.py`` measures this exact function against random order on Fashion-MNIST.
 """
 
 from __future__ import annotations
