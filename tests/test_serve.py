@@ -414,3 +414,47 @@ def test_a_second_writer_is_refused_cleanly(served: tuple[Served, Path, Path]) -
     with DeviceState(bundle / "state").writer(0), pytest.raises(StateError):
         console.rollback("v0001")
     assert DeviceRuntime(bundle).current_version() == before
+
+
+def test_console_reads_the_journal_of_a_running_watch(served: tuple[Served, Path, Path]) -> None:
+    """Beside `device watch`: the journal's lock is held (here by the fixture's watcher), so the console's own
+    watcher stands down and the console reads the journal."""
+    _, bundle, inbox = served
+    from edgetl.cli.serve import _watcher
+
+    run = _watcher(DeviceRuntime(bundle), inbox, None, None, 0.2, 0)
+    assert run(threading.Event()).startswith("external")
+
+
+def test_the_cli_serves(served: tuple[Served, Path, Path], tmp_path: Path) -> None:
+    """`edgetl device serve` as a process: prints the address with a fresh token; the token works, others do not."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    _, bundle, _ = served
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "device", "serve", str(bundle), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
+        assert lines[0].startswith(f"edgetl console on http://127.0.0.1:{port}/"), lines
+        token = re.search(r"#token=(\S+)", lines[1]).group(1)  # type: ignore[union-attr]
+        client = Served.__new__(Served)
+        client.port = port
+        status = None
+        for _ in range(100):
+            try:
+                status, _, body = client.request("GET", "/api/health", token=None)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200 and body["watcher"] == "off"
+        assert client.request("POST", "/api/rollback", {"to": "v9999"}, token=token)[0] == 409  # accepted, then refused
+        assert client.request("POST", "/api/rollback", {}, token=TOKEN)[0] == 403
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -97,7 +97,9 @@ def serve(bundle: Path, inbox: Path | None, results: Path | None, move_done: Pat
         click.echo(f"open http://{shown}:{port}/#token={token}   (API: Authorization: Bearer {token})")
     else:
         click.echo(f"token: the content of {token_file}; open http://{shown}:{port}/#token=TOKEN")
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, access_log=False)
+    # at most 64 requests in flight (more get 503): memory stays bounded under a burst
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, access_log=False,
+                limit_concurrency=64, timeout_keep_alive=5)
 
 
 def _watcher(rt: Any, inbox: Path, results: Path | None, move_done: Path | None, interval: float,
@@ -111,15 +113,16 @@ def _watcher(rt: Any, inbox: Path, results: Path | None, move_done: Path | None,
 
     log = logging.getLogger(__name__)
 
-    def run(stop: Any) -> None:
+    def run(stop: Any) -> str | None:
         try:
             watcher = InboxWatcher(rt, inbox, out=results, move_done=move_done, interval=interval, settle=settle)
         except StateError as exc:
             if "another watcher" not in str(exc):
                 raise
             log.warning("%s; the console reads its journal", exc)
-            return
+            return "external (another watcher writes the journal; the console reads it)"
         with watcher:
             watcher.run(stop)
+        return None
 
     return run

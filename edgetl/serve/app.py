@@ -217,10 +217,10 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def create_app(console: Console, settings: ServeSettings, watcher: Callable[[threading.Event], None] | None = None
-               ) -> ASGIApp:
+def create_app(console: Console, settings: ServeSettings,
+               watcher: Callable[[threading.Event], str | None] | None = None) -> ASGIApp:
     """The ASGI application. ``watcher``: run in a thread for the life of the app (the inbox watcher), stopped on
-    shutdown through the event it is given."""
+    shutdown through the event it is given; what it returns is shown as the watcher's state."""
 
     def call(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         return run_in_threadpool(fn, *args)
@@ -332,8 +332,7 @@ def create_app(console: Console, settings: ServeSettings, watcher: Callable[[thr
             def run() -> None:
                 try:
                     state["watcher"] = "running"
-                    watcher(stop)
-                    state["watcher"] = "stopped"
+                    state["watcher"] = watcher(stop) or "stopped"
                 except EdgeTLError as exc:
                     state["watcher"] = f"stopped: {exc}"
                     log.warning("inbox watcher stopped: %s", exc)
