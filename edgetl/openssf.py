@@ -204,38 +204,38 @@ def sign_path(path: str | os.PathLike[str], private_key: str | os.PathLike[str],
     return sig_path
 
 
-def verify_path(path: str | os.PathLike[str], public_key: str | os.PathLike[str],
-                signature: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """Check an OpenSSF signature of a model folder or file against an EC public key (PEM): the envelope's signature,
-    the key hint, and every file's sha256 (no file missing, none added outside the ignored paths). Returns the signed
-    name → sha256; raises :class:`BundleError` naming what failed."""
-    from cryptography.exceptions import InvalidSignature
+def _public_key(public_key: str | os.PathLike[str]) -> Any:
     from cryptography.hazmat.primitives import serialization
 
     from edgetl.signing import MAX_KEY_BYTES, read_small_file
 
-    path = Path(path)
-    sig_path = Path(signature) if signature is not None else default_signature(path)
-    where = f"OpenSSF signature {sig_path}"
     try:
         public = serialization.load_pem_public_key(read_small_file(public_key, MAX_KEY_BYTES, "trusted public key"))
     except (ValueError, TypeError) as exc:
         raise BundleError(f"cannot read trusted public key {public_key} ({exc})") from exc
-    ec = _ec()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
+    if not isinstance(public, _ec().EllipticCurvePublicKey):
         raise BundleError(f"trusted key {public_key} is not an elliptic-curve public key (OpenSSF model signing)")
-    if not sig_path.is_file():
-        raise BundleError(f"{path} has no OpenSSF signature ({sig_path} is missing) but a trusted key is required; "
-                          "sign it: edgetl bundle sign BUNDLE --key EC_KEY")
+    return public
+
+
+def verify_statement(signature: bytes, public_key: str | os.PathLike[str], where: str) -> tuple[dict[str, str],
+                                                                                              tuple[str, ...]]:
+    """Check an OpenSSF signature file's bytes against an EC public key (PEM): the envelope's signature, the key hint
+    and the statement's own consistency. Returns (signed name → sha256, ignored paths); :class:`BundleError`
+    otherwise (``where`` names the signature in messages)."""
+    from cryptography.exceptions import InvalidSignature
+
+    public = _public_key(public_key)
+    ec = _ec()
     try:
-        bundle = json.loads(read_small_file(sig_path, MAX_SIGNATURE_BYTES, "signature"))
+        bundle = json.loads(signature)
         envelope = bundle["dsseEnvelope"]
         payload = base64.b64decode(envelope["payload"], validate=True)
         sig = base64.b64decode(envelope["signatures"][0]["sig"], validate=True)
         hint = bundle.get("verificationMaterial", {}).get("publicKey", {}).get("hint")
         if bundle.get("mediaType") != MEDIA_TYPE or envelope.get("payloadType") != PAYLOAD_TYPE:
             raise ValueError("not a Sigstore bundle with an in-toto DSSE envelope")
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BundleError(f"{where} is malformed ({exc}); sign the model again") from exc
     if hint and hint != _key_hint(public):
         raise BundleError(f"{where} was made with another key than the trusted {public_key}; refusing it")
@@ -247,16 +247,35 @@ def verify_path(path: str | os.PathLike[str], public_key: str | os.PathLike[str]
     try:
         statement = json.loads(payload)
         predicate = statement["predicate"]
-        signed = {r["name"]: r["digest"] for r in predicate["resources"]}
+        signed = {str(r["name"]): str(r["digest"]) for r in predicate["resources"]}
         ignored = tuple(str(p) for p in predicate.get("serialization", {}).get("ignore_paths", []))
         root = statement["subject"][0]["digest"]["sha256"]
         if statement.get("predicateType") != PREDICATE_TYPE or predicate["serialization"]["method"] != "files":
             raise ValueError(f"predicate {statement.get('predicateType')} / {predicate['serialization']['method']}")
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        consistent = _root_digest(signed) == root
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BundleError(f"{where} holds an unexpected statement ({exc}); only file-by-file sha256 signatures are "
                           "checked here") from exc
-    if _root_digest(signed) != root:
+    if not consistent:
         raise BundleError(f"{where} is inconsistent (its file digests do not hash to its subject); refusing it")
+    return signed, ignored
+
+
+def verify_path(path: str | os.PathLike[str], public_key: str | os.PathLike[str],
+                signature: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Check an OpenSSF signature of a model folder or file against an EC public key (PEM): the envelope's signature,
+    the key hint, and every file's sha256 (no file missing, none added outside the ignored paths). Returns the signed
+    name → sha256; raises :class:`BundleError` naming what failed."""
+    from edgetl.signing import read_small_file
+
+    path = Path(path)
+    sig_path = Path(signature) if signature is not None else default_signature(path)
+    _public_key(public_key)  # a bad key is reported before a missing signature
+    if not sig_path.is_file():
+        raise BundleError(f"{path} has no OpenSSF signature ({sig_path} is missing) but a trusted key is required; "
+                          "sign it: edgetl bundle sign BUNDLE --key EC_KEY")
+    signed, ignored = verify_statement(read_small_file(sig_path, MAX_SIGNATURE_BYTES, "signature"), public_key,
+                                       f"OpenSSF signature {sig_path}")
     actual = _files(path, ignored if path.is_dir() else ())
     if actual != signed:
         changed = sorted(n for n in signed.keys() & actual.keys() if signed[n] != actual[n])
@@ -271,6 +290,20 @@ def sign_bundle(bundle: str | os.PathLike[str], private_key: str | os.PathLike[s
     return sign_path(bundle, private_key, ignore=BUNDLE_IGNORED)
 
 
+def verify_manifest(signature: bytes | None, manifest_bytes: bytes, public_key: str | os.PathLike[str],
+                    where: str) -> None:
+    """An OpenSSF signature (the bytes of ``model.sig``; None: absent) by the key covers exactly these manifest bytes —
+    and so, through the manifest's sha256 records, every file (``device install`` checks an archive this way before
+    extracting anything)."""
+    _public_key(public_key)
+    if signature is None:
+        raise BundleError(f"bundle {where} has no OpenSSF signature ({SIGNATURE}) but a trusted key is required; sign "
+                          "it on the host: edgetl bundle sign BUNDLE --key EC_KEY")
+    signed, _ = verify_statement(signature, public_key, f"OpenSSF signature of {where}")
+    if signed.get("manifest.json") != hashlib.sha256(manifest_bytes).hexdigest():
+        raise BundleError(f"bundle {where}: its manifest is not the one its OpenSSF signature covers; refusing it")
+
+
 def verify_bundle(bundle: Path, manifest_bytes: bytes, public_key: str | os.PathLike[str]) -> None:
     """A bundle's OpenSSF signature is valid for the key, and signs exactly these manifest bytes."""
     signed = verify_path(bundle, public_key)
@@ -280,4 +313,4 @@ def verify_bundle(bundle: Path, manifest_bytes: bytes, public_key: str | os.Path
 
 
 __all__ = ["SIGNATURE", "default_signature", "generate_ec_keys", "is_ec_key", "sign_bundle", "sign_path",
-           "verify_bundle", "verify_path"]
+           "verify_bundle", "verify_manifest", "verify_path", "verify_statement"]

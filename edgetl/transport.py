@@ -39,6 +39,7 @@ MAX_BYTES = 2 << 30
 MAX_MEMBERS = 10_000
 MAX_MANIFEST_BYTES = 64 << 20
 SIGNATURE = "manifest.sig"
+OPENSSF_SIGNATURE = "model.sig"  #: an OpenSSF model-signing signature (edgetl.openssf), packed when present
 ACCEPTED = "accepted.json"  #: in ``state/``: the newest signed manifest this device accepted (see DeviceRuntime)
 
 
@@ -46,7 +47,7 @@ def pack(bundle: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Write the bundle's files (verified first; device ``state/`` left out) to ``out`` (.tar.gz)."""
     b = Bundle.load(bundle)
     out = Path(out)
-    names = sorted({*b.manifest["files"], MANIFEST} | ({SIGNATURE} if (b.path / SIGNATURE).is_file() else set()))
+    names = sorted({*b.manifest["files"], MANIFEST} | {s for s in (SIGNATURE, OPENSSF_SIGNATURE) if (b.path / s).is_file()})
     tmp = out.with_name(f".{out.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for name in names:
@@ -119,7 +120,8 @@ def _check_dest(dest: Path) -> tuple[str, list[str]]:
         listed = None
     if listed is None:  # a damaged bundle: its files cannot be told from others
         return "other", entries
-    own = {MANIFEST, SIGNATURE, STATE_DIR} | {PurePosixPath(n).parts[0] for n in listed if PurePosixPath(n).parts}
+    own = {MANIFEST, SIGNATURE, OPENSSF_SIGNATURE, STATE_DIR} | \
+        {PurePosixPath(n).parts[0] for n in listed if PurePosixPath(n).parts}
     extra = [e for e in entries if e not in own]
     for name in listed:  # files inside listed sub-folders that the manifest does not list
         top = PurePosixPath(name).parts[0] if PurePosixPath(name).parts else ""
@@ -186,9 +188,14 @@ def install(archive: str | os.PathLike[str], dest: str | os.PathLike[str], trust
                 if manifest_bytes is None:
                     raise BundleError(f"{archive} holds no {MANIFEST}; it is not a bundle archive (edgetl bundle pack)")
                 if trust is not None:
+                    from edgetl import openssf
                     from edgetl.signing import verify_manifest
 
-                    verify_manifest(signature, manifest_bytes, trust, str(archive))
+                    if openssf.is_ec_key(trust):  # an OpenSSF signature, model.sig
+                        openssf.verify_manifest(_small_member(tar, files, OPENSSF_SIGNATURE), manifest_bytes, trust,
+                                                str(archive))
+                    else:
+                        verify_manifest(signature, manifest_bytes, trust, str(archive))
                 manifest = _parse_manifest(manifest_bytes, archive)
                 _check_coverage(files, manifest, archive)
                 if kind == "bundle":
@@ -258,7 +265,7 @@ def _parse_manifest(data: bytes, archive: Path) -> dict[str, Any]:
 def _check_coverage(files: dict[str, tarfile.TarInfo], manifest: dict[str, Any], archive: Path) -> None:
     """Every file in the archive is listed (and so covered by a sha256, and by the signature when signed)."""
     listed = {str(PurePosixPath(*PurePosixPath(n).parts)) for n in manifest["files"] if isinstance(n, str) and n}
-    extra = sorted(set(files) - listed - {MANIFEST, SIGNATURE})
+    extra = sorted(set(files) - listed - {MANIFEST, SIGNATURE, OPENSSF_SIGNATURE})
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise BundleError(f"{archive} holds files its manifest does not list ({shown}); refusing the archive — pack "

@@ -164,3 +164,24 @@ def test_the_model_signing_tool_agrees(bundle: Path, tmp_path: Path, ec_keys: tu
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert set(verify_path(bundle, pub, theirs)) == set(verify_path(bundle, pub))
+
+
+def test_install_an_openssf_signed_archive(bundle: Path, tmp_path: Path, ec_keys: tuple[Path, Path]) -> None:
+    """`bundle pack` carries model.sig; `device install --trust EC.pub` checks it before extracting anything."""
+    key, pub = ec_keys
+    sign_bundle(bundle, key)
+    archive = tmp_path / "b.tar.gz"
+    assert _cli("bundle", "pack", str(bundle), str(archive)).exit_code == 0  # type: ignore[attr-defined]
+    res = _cli("device", "install", str(archive), str(tmp_path / "dest"), "--trust", str(pub))
+    assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
+    assert (tmp_path / "dest" / "model.sig").is_file()
+    Bundle.load(tmp_path / "dest", trust=pub)
+    _, other_pub = generate_ec_keys(tmp_path / "other.key")
+    res = _cli("device", "install", str(archive), str(tmp_path / "dest2"), "--trust", str(other_pub))
+    assert res.exit_code == 1 and "another key" in res.output  # type: ignore[attr-defined]
+    assert not (tmp_path / "dest2").exists()
+    (bundle / "model.sig").unlink()
+    unsigned = tmp_path / "u.tar.gz"
+    assert _cli("bundle", "pack", str(bundle), str(unsigned)).exit_code == 0  # type: ignore[attr-defined]
+    res = _cli("device", "install", str(unsigned), str(tmp_path / "dest3"), "--trust", str(pub))
+    assert res.exit_code == 1 and "no OpenSSF signature" in res.output  # type: ignore[attr-defined]
