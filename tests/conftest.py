@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,23 @@ def _pretrained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_train: Pat
 def bundle(_pretrained_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the pretrained bundle for one test (device state included)."""
     return Path(shutil.copytree(_pretrained_bundle, tmp_path / "bundle"))
+
+
+def assert_first_float_convs(settings: dict[str, Any], target: float) -> None:
+    """An INT8 exporter's recorded mixed-precision search (edgetl.host.sensitivity) is consistent: the candidates tried
+    in order, stopped at the first k reaching ``target`` (else all tried and the best kept), and the graph's float
+    nodes are that many."""
+    tried, plan = settings["sensitivity"], settings["mixed_precision"]
+    ks = plan["candidates"]
+    assert [t["float_convs"] for t in tried] == ks[:len(tried)] and tried
+    assert all(0.0 < t["calibration_mean_cosine"] <= 1.0 for t in tried)
+    reached = [t for t in tried if t["calibration_mean_cosine"] >= target]
+    if reached:
+        assert reached == [tried[-1]] and len(settings["float_nodes"]) == tried[-1]["float_convs"]
+    else:
+        assert len(tried) == len(ks)
+        assert len(settings["float_nodes"]) == max(tried, key=lambda t: t["calibration_mean_cosine"])["float_convs"]
+    assert plan["target_calibration_cosine"] == target
 
 
 def make_folder(root: Path, spec: dict[str, int], source: Path) -> Path:

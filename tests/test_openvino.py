@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import HAS_TORCH, SMALL
+from tests.conftest import HAS_TORCH, SMALL, assert_first_float_convs
 
 ov = pytest.importorskip("openvino")
 pytestmark = [pytest.mark.host, pytest.mark.openvino,
@@ -182,18 +182,10 @@ def test_int8_meets_the_export_gate_fidelity(setup: Setup, converted: dict[str, 
 def test_int8_mixed_precision_is_chosen_on_calibration_images(converted: dict[str, Converted]) -> None:
     """The first k convolutions stay FP32 for the smallest k whose calibration cosine reaches the target (the best k
     when none does); every trial is recorded, and the ignored convolutions have no FakeQuantize on their weights."""
-    from edgetl.host.openvino_export import INT8_CALIB_COSINE, INT8_MAX_FLOAT_CONVS, conv_names
+    from edgetl.host.openvino_export import INT8_CALIB_COSINE, conv_names
 
     settings = converted["int8"].settings
-    tried = settings["sensitivity"]
-    assert [t["float_convs"] for t in tried] == list(range(len(tried))) and len(tried) <= INT8_MAX_FLOAT_CONVS + 1
-    assert all(0.0 < t["calibration_mean_cosine"] <= 1.0 for t in tried)
-    reached = [t for t in tried if t["calibration_mean_cosine"] >= INT8_CALIB_COSINE]
-    if reached:
-        assert reached == [tried[-1]] and len(settings["float_nodes"]) == tried[-1]["float_convs"]
-    else:
-        assert len(tried) == INT8_MAX_FLOAT_CONVS + 1
-        assert len(settings["float_nodes"]) == max(tried, key=lambda t: t["calibration_mean_cosine"])["float_convs"]
+    assert_first_float_convs(settings, INT8_CALIB_COSINE)
     fp32_convs = conv_names(ov.Core().read_model(str(converted["fp32"].xml)))
     assert settings["float_nodes"] == fp32_convs[:len(settings["float_nodes"])]
     model = ov.Core().read_model(str(converted["int8"].xml))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL
+from tests.conftest import SMALL, assert_first_float_convs
 
 pytest.importorskip("ai_edge_litert")
 pytestmark = [pytest.mark.host, pytest.mark.tflite,
@@ -119,21 +119,11 @@ def _reference_head_agreement(graphs: dict[str, Any], embeddings: np.ndarray) ->
 def test_int8_mixed_precision_is_chosen_on_calibration_images(graphs: dict[str, Any]) -> None:
     """The first k convolutions stay float for the smallest k whose calibration cosine reaches the target (the best k
     when none does); every trial is recorded, and the float convolutions are really float in the graph."""
-    from edgetl.host.tflite_export import CONV_OPS, INT8_CALIB_COSINE, INT8_MAX_FLOAT_CONVS
+    from edgetl.host.tflite_export import CONV_OPS, INT8_CALIB_COSINE
 
     settings = graphs["int8_settings"]
-    tried = settings["sensitivity"]
-    assert [t["float_convs"] for t in tried] == list(range(len(tried))) and len(tried) <= INT8_MAX_FLOAT_CONVS + 1
-    assert all(0.0 < t["calibration_mean_cosine"] <= 1.0 for t in tried)
-    reached = [t for t in tried if t["calibration_mean_cosine"] >= INT8_CALIB_COSINE]
-    if reached:
-        assert reached == [tried[-1]] and len(settings["float_nodes"]) == tried[-1]["float_convs"]
-    else:
-        assert len(tried) == INT8_MAX_FLOAT_CONVS + 1
-        best = max(tried, key=lambda t: t["calibration_mean_cosine"])
-        assert len(settings["float_nodes"]) == best["float_convs"]
+    assert_first_float_convs(settings, INT8_CALIB_COSINE)
     assert all(node.split("#")[0] in CONV_OPS for node in settings["float_nodes"])
-    assert settings["mixed_precision"]["target_calibration_cosine"] == INT8_CALIB_COSINE
     # a float convolution keeps float32 weights: count the float32 4-d constant tensors of the INT8 graph
     from ai_edge_litert.interpreter import Interpreter
 

@@ -16,8 +16,10 @@ training split, Debian's dataset-fashion-mnist) and scikit-learn's 8x8 digits up
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,14 +88,38 @@ def measure(backbone: str, data: Path, work: Path, eval_size: int) -> list[dict[
         if fp32 is None or int8 is None:
             continue
         r = int8["report"]
-        fp32_speed, int8_speed = images_per_second(fp32, bundle, batch), images_per_second(int8, bundle, batch)
         rows.append({"backbone": backbone, "data": data.name, "backend": fmt, "mean_cosine": round(r["mean_cosine"], 4),
                      "min_cosine": round(r["min_cosine"], 4), "top1_agreement": round(r["top1_agreement"], 4),
                      "drop_points": r["drop_points"], "passed": r["passed"], "reason": r["reason"],
-                     "fp32_img_s": round(fp32_speed, 1), "int8_img_s": round(int8_speed, 1),
-                     "speedup": round(int8_speed / fp32_speed, 2), "n_held_out": r["n_images"],
-                     "size_mb": round(r["size_bytes"] / 1e6, 2), "quantization": int8["quantization"]})
+                     "n_held_out": r["n_images"], "size_mb": round(r["size_bytes"] / 1e6, 2),
+                     "quantization": int8["quantization"], "bundle": bundle.name} | speed(bundle, fmt, batch))
     return rows
+
+
+def speed(bundle: Path, fmt: str, batch: np.ndarray) -> dict[str, float]:
+    """Images/s of the FP32 and INT8 graphs of ``fmt`` in ``bundle`` at batch 32, and their ratio."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entries = {(e["format"], e["precision"]): e for e in manifest["extractors"]}
+    fp32_speed = images_per_second(entries[(fmt, "fp32")], bundle, batch)
+    int8_speed = images_per_second(entries[(fmt, "int8")], bundle, batch)
+    return {"fp32_img_s": round(fp32_speed, 1), "int8_img_s": round(int8_speed, 1),
+            "speedup": round(int8_speed / fp32_speed, 2)}
+
+
+def respeed(rows: list[dict[str, Any]], work: Path, data: dict[str, Path]) -> None:
+    """Measure the speed columns again on the bundles kept in ``work`` (on a quiet machine: fidelity does not depend on
+    the load, speed does)."""
+    from edgetl.bundle import Bundle
+    from edgetl.data import load_image, scan_image_folder
+    from edgetl.preprocess import preprocess_batch
+
+    for row in rows:
+        bundle = work / row["bundle"]
+        folder = scan_image_folder(data[row["data"]])
+        batch = preprocess_batch([load_image(s.path) for s in folder.samples[:32]], Bundle.load(bundle).preprocessing)
+        row.update(speed(bundle, row["backend"], batch))
+        print(json.dumps({k: row[k] for k in ("data", "backbone", "backend", "fp32_img_s", "int8_img_s", "speedup")}),
+              flush=True)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -113,13 +139,26 @@ def main() -> None:
     parser.add_argument("--data", action="append", default=None, help="demo | fashion-mnist | digits-64 (repeat)")
     parser.add_argument("--backbone", action="append", default=None)
     parser.add_argument("--eval-size", type=int, default=600)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the bundles here (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-measure only the speed columns of --out on the bundles kept in --work")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="edgetl-int8-") as tmp:
-        for name, data in datasets(Path(tmp), args.data).items():
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgetl-int8-")))
+        work.mkdir(parents=True, exist_ok=True)
+        data = datasets(work / "data", args.data)
+        if args.speed_only:
+            result = json.loads(args.out.read_text())
+            respeed(result["rows"], work, data)
+            result["speed_command"] = "python tools/measure_int8.py --speed-only " + " ".join(sys.argv[1:])
+            _write(args, result)
+            return
+        rows: list[dict[str, Any]] = []
+        for name, folder in data.items():
             for backbone in args.backbone or BACKBONES:
-                for row in measure(backbone, data, Path(tmp), args.eval_size):
+                for row in measure(backbone, folder, work, args.eval_size):
                     rows.append(row | {"data": name})
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "quantization"}), flush=True)
     import onnxruntime
@@ -128,13 +167,17 @@ def main() -> None:
     from edgetl.kit import lock_file
 
     result = {"command": "python tools/measure_int8.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [])),
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [], False)),
               "machine": {"arch": platform.machine(), "processor": platform.processor() or platform.machine()},
               "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__},
               "lock": str(lock_file()), "seconds": round(time.time() - started), "rows": rows}
+    _write(args, result)
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    table = markdown(rows)
+    table = markdown(result["rows"])
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n", encoding="utf-8")

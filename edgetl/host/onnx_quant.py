@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.host.convert import ExportContext
+from edgetl.host.sensitivity import candidates, first_float_convs
 
 
 def _version(module: str) -> str:
@@ -79,21 +80,17 @@ class _Calibration:
 
 
 #: Settings of :func:`to_int8`, chosen by measurement (README "INT8 fidelity"; docs/results/int8_fidelity.json).
-#: uint8 weights as well as activations: ONNX Runtime's u8×s8 kernels on x86 CPUs without VNNI (AVX2) multiply-add
-#: pairs into int16 and saturate (MobileNetV2 mean cosine to FP32 0.80 there, 0.97 on aarch64); u8×u8 widens first and
-#: gives the same numbers as the QDQ graph computed in float, on every CPU.
-INT8_ACTIVATIONS, INT8_WEIGHTS = "uint8", "uint8"
+#: uint8 weights as well as activations in the dense (1x1 and full) convolutions: ONNX Runtime's u8×s8 GEMM kernels on
+#: x86 CPUs without VNNI (AVX2) multiply-add pairs into int16 and saturate (MobileNetV2 mean cosine to FP32 0.80 there,
+#: 0.97 on aarch64); u8×u8 widens first and gives the same numbers as the QDQ graph computed in float, on every CPU.
+#: Depthwise convolutions keep int8 weights: they do not go through that GEMM, and ONNX Runtime's u8×u8 depthwise path
+#: is slow for 5x5 kernels (EfficientNet-Lite0 INT8 ran at 0.23x its FP32 speed with it, 1.05x without, same fidelity).
+INT8_ACTIVATIONS, INT8_WEIGHTS, INT8_DEPTHWISE_WEIGHTS = "uint8", "uint8", "int8"
 #: activation ranges: the 99.99th percentile of the calibration activations (MinMax lets a few outliers set the scale)
 INT8_CALIBRATION, INT8_PERCENTILE = "Percentile", 99.99
 #: mixed precision: the graph's first convolutions (raw normalised pixels in, the widest ranges) stay FP32, as many as
-#: it takes for the calibration images' mean cosine to FP32 to reach this, at most INT8_MAX_FLOAT_CONVS
-INT8_CALIB_COSINE, INT8_MAX_FLOAT_CONVS = 0.985, 4
-
-
-def _mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    return float(((ref * cand).sum(axis=1) / np.maximum(norms, 1e-12)).mean())
+#: it takes for the calibration images' mean cosine to FP32 to reach this, trying these numbers of float convolutions
+INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.99, (0, 1, 2, 3, 4)
 
 
 def _run(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -107,7 +104,7 @@ def _run(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
 def to_int8(ctx: ExportContext, out: Path) -> dict[str, Any]:
     """Static INT8, QDQ format, per-channel weights, activation ranges calibrated on real images (percentile), after
     ``quant_pre_process``; uint8 weights and activations (see :data:`INT8_WEIGHTS`). Mixed precision by measured
-    sensitivity: the first ``k`` convolutions stay FP32 for the smallest ``k`` (0 … :data:`INT8_MAX_FLOAT_CONVS`) at
+    sensitivity: the first ``k`` convolutions stay FP32 for the smallest ``k`` (in :data:`INT8_FLOAT_CONVS`) at
     which the calibration images' mean cosine to the FP32 graph reaches :data:`INT8_CALIB_COSINE` (the held-out images
     are never used here; they judge the result in the export gate). Per-tensor weights wreck depthwise convolutions;
     dynamic quantization suits CNNs poorly."""
@@ -117,33 +114,29 @@ def to_int8(ctx: ExportContext, out: Path) -> dict[str, Any]:
 
     prepared = ctx.workdir / "int8.pre.onnx"
     quant_pre_process(str(ctx.onnx_fp32), str(prepared), skip_symbolic_shape=True)
-    convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    nodes = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    convs = [n.name for n in nodes]
+    # per-tensor overrides keep per-channel (axis 0) scales: without the axis the override is per-tensor, which wrecks
+    # depthwise convolutions (mean cosine 0.60)
+    depthwise = {n.input[1]: [{"quant_type": QuantType.QInt8, "axis": 0}] for n in nodes
+                 if any(a.name == "group" and a.i > 1 for a in n.attribute)}
     reference = _run(prepared, ctx.calib)
-    tmp = ctx.workdir / "int8.onnx"
 
-    def quantize(float_convs: int) -> None:
+    def quantize(float_convs: int) -> Path:
+        path = ctx.workdir / f"int8.float{float_convs}.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
-            _quantize(float_convs)
+            quantize_static(str(prepared), str(path), _Calibration(ctx.calib, "images"),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QUInt8, calibrate_method=getattr(CalibrationMethod, INT8_CALIBRATION),
+                            nodes_to_exclude=convs[:float_convs],
+                            extra_options={"CalibPercentile": INT8_PERCENTILE, "TensorQuantOverrides": depthwise},
+                            calibration_cache_path=ctx.workdir / "int8.ranges.json")  # calibrated once, reused
+        return path
 
-    def _quantize(float_convs: int) -> None:
-        quantize_static(str(prepared), str(tmp), _Calibration(ctx.calib, "images"), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
-                        calibrate_method=getattr(CalibrationMethod, INT8_CALIBRATION),
-                        nodes_to_exclude=convs[:float_convs], extra_options={"CalibPercentile": INT8_PERCENTILE},
-                        calibration_cache_path=ctx.workdir / "int8.ranges.json")  # calibrated once, reused
-
-    tried: list[dict[str, Any]] = []
-    for k in range(min(INT8_MAX_FLOAT_CONVS, len(convs)) + 1):
-        quantize(k)
-        tried.append({"float_convs": k,
-                      "calibration_mean_cosine": round(_mean_cosine(reference, _run(tmp, ctx.calib)), 5)})
-        if tried[-1]["calibration_mean_cosine"] >= INT8_CALIB_COSINE:
-            break
-    best = max(tried, key=lambda t: t["calibration_mean_cosine"])
-    if best is not tried[-1]:  # a later attempt was worse: write the best one again
-        quantize(best["float_convs"])
-    shutil.move(tmp, out)
+    search = first_float_convs(quantize, lambda path: _run(path, ctx.calib), reference,
+                               candidates(INT8_FLOAT_CONVS, len(convs)), INT8_CALIB_COSINE)
+    shutil.move(search.quantized, out)
     return {"tool": f"onnxruntime {_version('onnxruntime')} quantize_static", "format": "QDQ", "per_channel": True,
-            "weights": INT8_WEIGHTS, "activations": INT8_ACTIVATIONS,
+            "weights": INT8_WEIGHTS, "depthwise_weights": INT8_DEPTHWISE_WEIGHTS, "activations": INT8_ACTIVATIONS,
             "calibration": f"{INT8_CALIBRATION} {INT8_PERCENTILE}", "calibration_images": int(len(ctx.calib)),
-            "float_nodes": convs[:best["float_convs"]], "sensitivity": tried}
+            "float_nodes": convs[:search.best.float_convs]} | search.record(INT8_CALIB_COSINE)

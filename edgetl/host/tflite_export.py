@@ -29,6 +29,7 @@ import numpy as np
 
 from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError
 from edgetl.host.convert import ExportContext
+from edgetl.host.sensitivity import candidates, first_float_convs
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ log = logging.getLogger(__name__)
 INT8_RECIPE = "static_wi8_ai8"
 #: mixed precision, chosen by measurement (issue 14): the graph's first convolutions (normalised pixels in, then the
 #: widest per-tensor activation ranges of the network) stay float, as many as it takes for the calibration images' mean
-#: cosine to the FP32 graph to reach INT8_CALIB_COSINE, at most INT8_MAX_FLOAT_CONVS. MobileNetV2 on the demo data:
+#: cosine to the FP32 graph to reach INT8_CALIB_COSINE, trying the numbers in INT8_FLOAT_CONVS. MobileNetV2 on the demo data:
 #: all-int8 0.969 mean / 0.892 min cosine on held-out images, first two convolutions float 0.990 / 0.981. Float I/O
 #: (0.969), a float MEAN (0.970) and the MSE algorithm (0.750) did not help; the held-out images are never used here.
 #: EfficientNet-Lite0: all-int8 0.977, first four float 0.986, and the fifth and sixth convolutions are the next most
 #: sensitive (one at a time: 0.989, 0.991; any later one 0.983-0.985); first five 0.993 (reference-head agreement
 #: 0.942), first six 0.9965 (agreement 0.9625): the agreement limit (0.95) needs more than 0.99, hence 0.995.
-INT8_CALIB_COSINE, INT8_MAX_FLOAT_CONVS = 0.995, 6
+INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.995, (0, 1, 2, 3, 4, 5, 6)
 #: the op types counted as convolutions by the mixed-precision search, in graph order
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 #: intermediate FP32 graph that :func:`to_int8` writes into ``ctx.workdir``
@@ -166,12 +167,6 @@ def _calibration_items(calib: np.ndarray, input_size: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(calib[i:i + 1]) for i in range(len(calib))]
 
 
-def _mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    return float(((ref * cand).sum(axis=1) / np.maximum(norms, 1e-12)).mean())
-
-
 def _embed(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """``images`` through the device runtime's LiteRT extractor (dequantized float32 embeddings)."""
     from edgetl.runtime.tflite import TfliteExtractor
@@ -201,7 +196,7 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
     with recipe ``static_wi8_ai8``, activation ranges calibrated on every image of ``ctx.calib`` (one at a time).
 
     Mixed precision by measured sensitivity, as :func:`edgetl.host.onnx_quant.to_int8`: the first ``k`` convolutions
-    (:data:`CONV_OPS`, graph order) stay float for the smallest ``k`` (0 … :data:`INT8_MAX_FLOAT_CONVS`) at which the
+    (:data:`CONV_OPS`, graph order) stay float for the smallest ``k`` (in :data:`INT8_FLOAT_CONVS`) at which the
     calibration images' mean cosine to the FP32 graph reaches :data:`INT8_CALIB_COSINE` (the best ``k`` when none
     does); the held-out images are never used here, they judge the result in the export gate. Every trial is recorded
     under ``"sensitivity"``.
@@ -239,8 +234,14 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
         result.export_model(str(path))
 
     start = time.perf_counter()
-    trial = ctx.workdir / "tflite_int8_trial.tflite"
-    tried: list[dict[str, Any]] = []
+    trials: list[Path] = []
+
+    def trial(k: int) -> Path:
+        path = ctx.workdir / f"tflite_int8_float{k}.tflite"
+        trials.append(path)
+        write(quantizer_for(convs[:k]), ranges, path)
+        return path
+
     try:
         convs = conv_scopes(fp32_path)
         reference = _embed(fp32_path, calib)
@@ -248,30 +249,24 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
             # activation ranges of every tensor, calibrated once and reused by every trial
             ranges = quantizer_for([]).calibrate({signature: [{arg: item} for item in items]},
                                                  num_threads=min(os.cpu_count() or 1, 16))
-            for k in range(min(INT8_MAX_FLOAT_CONVS, len(convs)) + 1):
-                write(quantizer_for(convs[:k]), ranges, trial)
-                tried.append({"float_convs": k, "calibration_mean_cosine": round(_mean_cosine(reference,
-                                                                                              _embed(trial, calib)), 5)})
-                if tried[-1]["calibration_mean_cosine"] >= INT8_CALIB_COSINE:
-                    break
-            best = max(tried, key=lambda t: t["calibration_mean_cosine"])
-            if best is not tried[-1]:  # a later trial was worse: write the best one again
-                write(quantizer_for(convs[:best["float_convs"]]), ranges, trial)
+            search = first_float_convs(trial, lambda path: _embed(path, calib), reference,
+                                       candidates(INT8_FLOAT_CONVS, len(convs)), INT8_CALIB_COSINE)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.unlink(missing_ok=True)
-        shutil.move(str(trial), str(out_path))
+        shutil.move(str(search.quantized), str(out_path))
     except EdgeTLError:
         raise
     except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises ValueError/RuntimeError of its own
         raise ExportValidationError(f"ai-edge-quantizer {INT8_RECIPE} quantization of {fp32_path.name} failed "
                                     f"({type(exc).__name__}: {_one_line(exc)})") from exc
     finally:
-        trial.unlink(missing_ok=True)
+        for path in trials:
+            path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ExportValidationError(f"ai-edge-quantizer did not write {out_path}")
     graph = describe_tflite(out_path)
-    float_convs = convs[:best["float_convs"]]
+    float_convs = convs[:search.best.float_convs]
     log.info("ai-edge-quantizer wrote %s (%.1f MB, %s, %d float convolutions) in %.1f s", out_path.name,
              out_path.stat().st_size / 1e6, INT8_RECIPE, len(float_convs), seconds)
     return {"tool": f"litert-torch {_version('litert-torch')} + ai-edge-quantizer {_version('ai-edge-quantizer')}",
@@ -281,11 +276,7 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
             "weights": "int8", "activations": "int8", "calibration": "real images (ExportContext.calib)",
             "calibration_images": len(items), "batch": 1, "dynamic_batch": False, "layout": "NCHW",
             "float_nodes": [f"{c['op']}#{c['index']}" for c in float_convs],
-            "mixed_precision": {"rule": "first k convolutions float, smallest k whose calibration mean cosine to the "
-                                        "FP32 graph reaches the target", "target_calibration_cosine": INT8_CALIB_COSINE,
-                                "max_float_convs": INT8_MAX_FLOAT_CONVS},
-            "sensitivity": tried,
             "signature": graph["signature"], "input_arg": graph["input_arg"], "output_arg": graph["output_arg"],
             "int8_input": graph["input"]["dtype"] == "int8", "int8_output": graph["output"]["dtype"] == "int8",
             "input": graph["input"], "output": graph["output"], "fp32_convert_seconds": fp32["convert_seconds"],
-            "quantize_seconds": round(seconds, 2)}
+            "quantize_seconds": round(seconds, 2)} | search.record(INT8_CALIB_COSINE)
