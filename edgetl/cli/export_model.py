@@ -49,9 +49,11 @@ def export_model(bundle: Path, out: Path, fmt: str, version: str | None, with_pr
     click.echo(f"wrote {', '.join(str(f) for f in result.files)}: {result.extractor} ({result.precision}) + "
                f"{result.head_kind} head {result.head_version} -> {', '.join(result.outputs)}; input {name} "
                f"{shape}")
-    click.echo(f"checked with {c.runtime} against device predict on {c.n_golden} golden inputs and {c.n_images} "
-               f"held-out images: top-1 agreement {c.top1_agreement:.3f}, max probability difference "
-               f"{c.max_probability_diff:.1e} (limit {c.limit:.0e})")
+    golden = f"{c.n_golden} golden inputs and " if c.n_golden else ""
+    novelty = f"; novelty within {c.max_novelty_rel_diff:.1e} (relative)" if c.max_novelty_rel_diff is not None else ""
+    click.echo(f"checked with {c.runtime} against device predict on {golden}{c.n_images} held-out images: top-1 "
+               f"agreement {c.top1_agreement:.3f}, max probability difference {c.max_probability_diff:.1e} (limit "
+               f"{c.limit:.0e}){novelty}")
     if result.signature is not None:
         click.echo(f"signed: {result.signature} (OpenSSF model signing; verify: model_signing verify key {out} "
                    f"--signature {result.signature} --public_key KEY.pub)")
