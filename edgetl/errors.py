@@ -41,3 +41,10 @@ class NotFittedError(EdgeTLError, ValueError):
 
 class StateError(EdgeTLError, RuntimeError):
     """The device state (head versions, store) is inconsistent or locked."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of a third-party exception's message (the type name when it has none): runtimes and
+    quantizers raise multi-line messages with C++ traces; edgetl's own messages stay one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

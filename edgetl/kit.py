@@ -12,7 +12,6 @@ Built on a machine with access to the package index (the host); nothing is downl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform as _platform
@@ -29,6 +28,7 @@ from typing import Any
 from edgetl import __version__
 from edgetl.errors import EdgeTLError
 from edgetl.profiles import DeviceProfile, get_profile
+from edgetl.registry import sha256_file
 
 #: pip platform tags per profile ``arch`` (newest glibc first); "any" → this machine's own platform
 ARCH_PLATFORMS: dict[str, tuple[str, ...]] = {
@@ -104,14 +104,6 @@ def _run(cmd: list[str], what: str) -> None:
         raise KitError(f"{what} failed: {tail or 'pip exited with ' + str(result.returncode)}")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 INSTALL_SH = """#!/bin/sh
 # edgetl field kit: install edgetl and the bundle on this device with no network.
 #   sh install.sh [VENV_DIR] [BUNDLE_DIR]     (defaults: ./venv and ./bundle; PYTHON=python3.11 to choose Python)
@@ -182,7 +174,7 @@ def build_kit(bundle: str | os.PathLike[str], out: str | os.PathLike[str], profi
                                          profile=target["profile"]), encoding="utf-8")
     install.chmod(0o755)
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    sums = {p.relative_to(out).as_posix(): sha256(p) for p in files}
+    sums = {p.relative_to(out).as_posix(): sha256_file(p) for p in files}
     (out / "SHA256SUMS").write_text("".join(f"{h}  {name}\n" for name, h in sums.items()), encoding="utf-8")
     meta = target | {"edgetl_version": __version__, "bundle": str(bundle),
                      "wheels": sorted(p.name for p in wheels.glob("*.whl")), "files": sums,

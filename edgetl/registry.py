@@ -163,13 +163,10 @@ def get_backbone(name: str) -> BackboneSpec:
     return specs[name]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (the one file hash of edgetl)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def candidate_weight_paths(spec: BackboneSpec) -> list[Path]:

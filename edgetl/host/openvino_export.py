@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError
+from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError, one_line
 from edgetl.host.convert import ExportContext
 from edgetl.host.sensitivity import candidates, first_float_convs
 
@@ -51,11 +51,6 @@ CONV_TYPES = ("Convolution", "GroupConvolution")
 
 #: ``val_fn(embeddings (K, D) float32, indices (K,) int64 into the validation images) → metric``, higher is better
 ValidationFn = Callable[[np.ndarray, np.ndarray], float]
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _missing(exc: ImportError, package: str) -> RuntimeMissingError:
@@ -127,7 +122,7 @@ def _to_ir(ctx: ExportContext, out_xml: Path, compress_to_fp16: bool) -> dict[st
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own exception types
         precision = "FP16" if compress_to_fp16 else "FP32"
         raise ExportValidationError(f"OpenVINO {precision} conversion of {ctx.onnx_fp32.name} failed "
-                                    f"({_one_line(exc)})") from exc
+                                    f"({one_line(exc)})") from exc
     return _base_settings(ov, Path(out_xml), compress_to_fp16, time.perf_counter() - start)
 
 
@@ -206,7 +201,7 @@ def to_int8(ctx: ExportContext, out_xml: Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - NNCF/OpenVINO raise their own exception types
         raise ExportValidationError(f"NNCF INT8 quantization of {ctx.onnx_fp32.name} failed "
-                                    f"({_one_line(exc)})") from exc
+                                    f"({one_line(exc)})") from exc
     settings = _int8_settings(ov, nncf, Path(out_xml), len(items), time.perf_counter() - start)
     return settings | {"fast_bias_correction": INT8_MIXED_FAST_BIAS_CORRECTION,
                        "float_nodes": convs[:search.best.float_convs]} | search.record(INT8_CALIB_COSINE)
@@ -250,7 +245,7 @@ def quantize_with_accuracy_control(ctx: ExportContext, out_xml: Path, val_images
         raise
     except Exception as exc:  # noqa: BLE001 - NNCF/OpenVINO (and val_fn) raise their own exception types
         raise ExportValidationError(f"NNCF INT8 quantization with accuracy control of {ctx.onnx_fp32.name} failed "
-                                    f"({_one_line(exc)})") from exc
+                                    f"({one_line(exc)})") from exc
     settings = _int8_settings(ov, nncf, Path(out_xml), len(items), time.perf_counter() - start)
     return settings | {"method": "post_training_quantization_with_accuracy_control", "max_drop": float(max_drop),
                        "drop_type": "absolute", "validation_size": len(validation)}

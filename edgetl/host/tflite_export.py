@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError
+from edgetl.errors import DataError, EdgeTLError, ExportValidationError, RuntimeMissingError, one_line
 from edgetl.host.convert import ExportContext
 from edgetl.host.sensitivity import candidates, first_float_convs
 
@@ -49,11 +49,6 @@ CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 #: intermediate FP32 graph that :func:`to_int8` writes into ``ctx.workdir``
 FP32_INTERMEDIATE = "tflite_fp32_for_int8.tflite"
 _INSTALL = "install the host extra: pip install 'edgetl[host]'"
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _version(dist: str) -> str:
@@ -117,7 +112,7 @@ def describe_tflite(path: Path) -> dict[str, Any]:
         signatures = interpreter.get_signature_list()
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     except Exception as exc:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError of its own
-        raise ExportValidationError(f"LiteRT cannot load the graph it just wrote, {path} ({_one_line(exc)})") from exc
+        raise ExportValidationError(f"LiteRT cannot load the graph it just wrote, {path} ({one_line(exc)})") from exc
     if len(inputs) != 1 or len(outputs) != 1:
         raise ExportValidationError(f"{path.name} has {len(inputs)} inputs and {len(outputs)} outputs; the extractor "
                                     "must have exactly one of each")
@@ -145,7 +140,7 @@ def to_fp32(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
             litert_torch.convert(ctx.features.eval(), (sample,)).export(str(out_path))
     except Exception as exc:  # noqa: BLE001 - torch.export / MLIR lowering raise many exception types
         raise ExportValidationError(f"litert-torch could not convert the extractor to TFLite "
-                                    f"({type(exc).__name__}: {_one_line(exc)})") from exc
+                                    f"({type(exc).__name__}: {one_line(exc)})") from exc
     seconds = time.perf_counter() - start
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ExportValidationError(f"litert-torch did not write {out_path}")
@@ -258,7 +253,7 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises ValueError/RuntimeError of its own
         raise ExportValidationError(f"ai-edge-quantizer {INT8_RECIPE} quantization of {fp32_path.name} failed "
-                                    f"({type(exc).__name__}: {_one_line(exc)})") from exc
+                                    f"({type(exc).__name__}: {one_line(exc)})") from exc
     finally:
         for path in trials:
             path.unlink(missing_ok=True)

@@ -13,18 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgetl.errors import BundleError, RuntimeMissingError
+from edgetl.errors import BundleError, RuntimeMissingError, one_line
 from edgetl.runtime.base import FeatureExtractor, check_batch
 
 log = logging.getLogger(__name__)
 
 #: compile options for every graph; threads are added per extractor
 BASE_CONFIG: dict[str, str] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 class OpenVinoExtractor(FeatureExtractor):
@@ -51,7 +46,7 @@ class OpenVinoExtractor(FeatureExtractor):
             self.compiled = core.compile_model(model, device, self.config)
             self.request = self.compiled.create_infer_request()
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own exception types
-            raise BundleError(f"openvino cannot load {path} ({_one_line(exc)}); the IR or its .bin is damaged, "
+            raise BundleError(f"openvino cannot load {path} ({one_line(exc)}); the IR or its .bin is damaged, "
                               "missing or needs a newer openvino") from exc
         inputs, outputs = self.compiled.inputs, self.compiled.outputs
         if len(inputs) != 1 or len(outputs) < 1:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgetl.budget import MemorySettings
-from edgetl.errors import BundleError, RuntimeMissingError
+from edgetl.errors import BundleError, RuntimeMissingError, one_line
 from edgetl.runtime.base import FeatureExtractor, check_batch
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,6 @@ def _interpreter_class() -> Any:
     log.warning("ai-edge-litert is not installed; using tflite-runtime, which is much slower for INT8 graphs "
                 "(pip install 'edgetl[tflite]' to get ai-edge-litert)")
     return Interpreter
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 class TfliteExtractor(FeatureExtractor):
@@ -67,7 +62,7 @@ class TfliteExtractor(FeatureExtractor):
             self.interpreter.allocate_tensors()
             inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         except Exception as exc:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError of its own
-            raise BundleError(f"LiteRT cannot load {path} ({_one_line(exc)}); the graph is damaged or needs a newer "
+            raise BundleError(f"LiteRT cannot load {path} ({one_line(exc)}); the graph is damaged or needs a newer "
                               "ai-edge-litert") from exc
         if len(inputs) != 1 or len(outputs) != 1:
             raise BundleError(f"{path.name} has {len(inputs)} inputs and {len(outputs)} outputs; an extractor graph "
@@ -137,7 +132,7 @@ class TfliteExtractor(FeatureExtractor):
             out = self._run(x)
         except (RuntimeError, ValueError) as exc:
             log.warning("TFLite graph cannot run a batch of %d (%s); running one image at a time", len(x),
-                        _one_line(exc))
+                        one_line(exc))
             self._resizable = False
             self._restore()
             return None
