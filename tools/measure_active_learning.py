@@ -7,10 +7,11 @@ A simulated operator answers the console's label queue (:func:`edgetl.serve.queu
   ``tests/data/device-bundle/mnv2-64`` (torch-free; ``DeviceRuntime.embed_images``, the device's preprocessing);
 - pool: ``--pool`` unlabelled images drawn from the official *training* split; test: ``--test`` images of the official
   *test* split, which no head ever trains on — every figure comes from them;
-- start: ``--seed-per-class`` labelled images per class (the same for both strategies), then rounds of ``--batch``
+- start: ``--seed-per-class`` labelled images per class (the same for every strategy), then rounds of ``--batch``
   labels: **active** takes the top of the queue ranked by the current head (softmax, the device default, with its
   temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
-  **random** takes the pool in a random order; the head is refitted after every round;
+  **margin** the same without the novelty term (the ablation), **random** takes the pool in a random order; the head
+  is refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
 - reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
   active reaches it with at most half as many labels.
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgetl.heads import make_head
 from edgetl.novelty import Novelty, calibrated_proba, fit_temperature
-from edgetl.serve.queue import rank
+from edgetl.serve.queue import NOVELTY_WEIGHT, rank
 
 BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
 CACHE = ROOT / ".cache" / "active_learning"
@@ -110,7 +111,8 @@ def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, b
             candidates = np.flatnonzero(mask)
             proba = calibrated_proba(head, X[candidates], temperature)
             scores = novelty.score(X[candidates]) if novelty is not None else None
-            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None)
+            weight = 0.0 if name == "margin" else NOVELTY_WEIGHT  # "margin": the ablation without novelty
+            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None, novelty_weight=weight)
             chosen = list(candidates[ranking.order[:take]])
         labelled.extend(int(i) for i in chosen)
     return curve
@@ -124,7 +126,7 @@ def plot(result: dict, out: Path) -> None:
     """The curves as a PNG drawn with Pillow (matplotlib is not a dependency of edgetl)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    W, H, left, right, top, bottom = 880, 520, 70, 20, 40, 60
+    W, H, left, right, top, bottom = 880, 540, 70, 20, 56, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13) if hasattr(ImageFont, "load_default") else None
@@ -132,7 +134,7 @@ def plot(result: dict, out: Path) -> None:
     budget = result["settings"]["budget"]
     xmax = max(budget.values()) if isinstance(budget, dict) else budget
     accs = [p["accuracy"] for c in curves.values() for p in c] + [ref["accuracy"]]
-    ylo = max(0.0, np.floor(min(accs) * 20) / 20 - 0.02)
+    ylo = max(0.0, np.floor(min(accs) * 20) / 20)
     yhi = min(1.0, np.ceil(max(accs) * 20) / 20)
 
     def px(x: float, y: float) -> tuple[float, float]:
@@ -149,9 +151,10 @@ def plot(result: dict, out: Path) -> None:
         y += 0.05
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.line([px(0, ref["accuracy"]), px(xmax, ref["accuracy"])], fill="#7f8c8d", width=1)
-    d.text((px(xmax, ref["accuracy"])[0] - 4, px(xmax, ref["accuracy"])[1] + 4),
-           f"100 random labels per class: {100 * ref['accuracy']:.1f}%", fill="#555555", font=font, anchor="ra")
-    colours = {"active": "#c0392b", "random": "#2c3e50"}
+    d.text((px(xmax, ref["accuracy"])[0] - 4, px(xmax, ref["accuracy"])[1] - 4),
+           f"reference: 100 random labels per class (1,000): {100 * ref['accuracy']:.1f}%", fill="#555555", font=font,
+           anchor="rd")
+    colours = {"active": "#c0392b", "margin": "#e67e22", "random": "#2c3e50"}
     for name, c in curves.items():
         d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours[name], width=3)
     reached = result["active_labels_to_reference"]
@@ -159,14 +162,16 @@ def plot(result: dict, out: Path) -> None:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
         d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
                fill="#c0392b", font=font)
-    d.text((left + 10, top + 10), "active: label queue (uncertainty + novelty)", fill=colours["active"], font=font)
-    d.text((left + 10, top + 28), "random: random order", fill=colours["random"], font=font)
+    legend = {"active": "active: the console's label queue (uncertainty + novelty)",
+              "margin": "margin only: the queue without its novelty term", "random": "random: random order"}
+    for k, name in enumerate(n for n in legend if n in curves):
+        d.text((px(xmax * 0.45, 0)[0], px(0, ylo)[1] - 70 + 18 * k), legend[name], fill=colours[name], font=font)
     s = result["settings"]
-    d.text((W / 2, 12), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool']} (train split), test {s['test']} "
+    d.text((W / 2, 8), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool']} (train split), test {s['test']} "
            f"(test split, never trained on); mean of {s.get('trials', 1)} trials", fill="black", font=font,
            anchor="ma")
     d.text((W / 2, H - 22), "labels spent", fill="black", font=font, anchor="ma")
-    d.text((8, top - 22), "test accuracy", fill="black", font=font)
+    d.text((8, top - 20), "test accuracy", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
 
@@ -180,6 +185,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1000, help="Labels the random order spends.")
     ap.add_argument("--active-budget", type=int, default=600, help="Labels the active queue spends.")
     ap.add_argument("--trials", type=int, default=3, help="Seed labels and random orders drawn; curves averaged.")
+    ap.add_argument("--strategies", nargs="+", choices=["active", "margin", "random"],
+                    default=["active", "margin", "random"],
+                    help="active: the console's queue; margin: the same without the novelty term; random: random order")
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -202,13 +210,13 @@ def main() -> None:
         ref.append(accuracy(head, data["test_X"], data["test_y"]))
     reference = {"labels": 100 * len(classes), "accuracy": float(np.mean(ref)), "per_draw": ref}
     print(f"reference: 100 random labels per class -> {reference['accuracy']:.4f}", file=sys.stderr)
-    trials: dict[str, list[list[dict[str, float]]]] = {"active": [], "random": []}
-    budgets = {"active": args.active_budget, "random": args.budget}
+    trials: dict[str, list[list[dict[str, float]]]] = {name: [] for name in args.strategies}
+    budgets = {name: args.budget if name == "random" else args.active_budget for name in args.strategies}
     for trial in range(args.trials):
         rng = np.random.default_rng(args.seed + trial)  # each trial: its own seed labels and random order
         seed_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), args.seed_per_class, replace=False)
                                    for c in classes])
-        for name in ("active", "random"):
+        for name in args.strategies:
             t = time.perf_counter()
             curve = run_strategy(name, data, seed_idx, budgets[name], args.batch, args.seed + trial)
             trials[name].append(curve)
@@ -217,8 +225,8 @@ def main() -> None:
                   file=sys.stderr)
     curves = {name: [{"labels": pts[0]["labels"], "accuracy": float(np.mean([p["accuracy"] for p in pts]))}
                      for pts in zip(*runs)] for name, runs in trials.items()}
-    reached = first_reaching(curves["active"], reference["accuracy"])
-    random_reached = first_reaching(curves["random"], reference["accuracy"])
+    to_reference = {name: first_reaching(c, reference["accuracy"]) for name, c in curves.items()}
+    reached, random_reached = to_reference.get("active"), to_reference.get("random")
     per_trial = {name: [first_reaching(c, reference["accuracy"]) for c in runs] for name, runs in trials.items()}
     result = {
         "command": "python tools/measure_active_learning.py " + " ".join(sys.argv[1:]),
@@ -232,6 +240,7 @@ def main() -> None:
         "trials": trials,
         "active_labels_to_reference": reached,
         "random_labels_to_reference": random_reached,
+        "labels_to_reference": to_reference,
         "labels_to_reference_per_trial": per_trial,
         "target": f"active (mean of the trials) reaches the reference with <= {reference['labels'] // 2} labels",
         "target_met": reached is not None and reached <= reference["labels"] // 2,
@@ -240,8 +249,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.png)
-    print(json.dumps({k: result[k] for k in ("reference", "active_labels_to_reference", "random_labels_to_reference",
-                                             "labels_to_reference_per_trial", "target_met", "seconds")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("reference", "labels_to_reference", "labels_to_reference_per_trial",
+                                             "target_met", "seconds")}, indent=2))
 
 
 if __name__ == "__main__":

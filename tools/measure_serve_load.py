@@ -102,6 +102,7 @@ def main() -> None:
                     sys.exit(f"the console did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
                 time.sleep(0.2)
             before = rss_mb(proc.pid)
+            load_before = os.getloadavg()[0]
             stop_at = time.monotonic() + args.max_seconds
             latencies: list[float] = []
             statuses: dict[str, int] = {}
@@ -127,6 +128,7 @@ def main() -> None:
                 list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - start
             after = rss_mb(proc.pid)
+            load_after = os.getloadavg()[0]
         finally:
             proc.terminate()
             proc.wait(30)
@@ -136,7 +138,8 @@ def main() -> None:
         "command": "python tools/measure_serve_load.py " + " ".join(sys.argv[1:]),
         "settings": {"requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds,
                      "threads": args.threads, "bundle": str(BUNDLE.relative_to(ROOT)) + " (64 px, FP32 ONNX)",
-                     "host": HOST, "cpu_cores": os.cpu_count()},
+                     "host": HOST, "cpu_cores": os.cpu_count(),
+                     "load_average_1min": {"before": round(load_before, 1), "after": round(load_after, 1)}},
         "answers": statuses,
         "ok": ok,
         "errors": args.requests - ok,

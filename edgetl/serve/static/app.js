@@ -229,8 +229,9 @@ async function loadConfusion() {
   const chart = $("#confusion");
   chart.replaceChildren();
   const n = c.classes.length;
-  if (!n) { chart.append(svg("text", { x: 4, y: 16 }, "no labels yet")); return; }
+  if (!n) { chart.setAttribute("height", 30); chart.append(svg("text", { x: 4, y: 16 }, "no labels yet")); return; }
   const L = 90, T = 90, size = Math.min(34, (460 - L) / n);
+  chart.setAttribute("height", T + n * size + 10);
   const max = Math.max(1, ...c.matrix.flat());
   c.classes.forEach((name, i) => {
     chart.append(svg("text", { x: L - 4, y: T + i * size + size / 2 + 3, "text-anchor": "end" }, name.slice(0, 14)));
