@@ -243,6 +243,13 @@ def test_uploads_bounded_and_decoded_safely(served: tuple[Served, Path, Path], t
     s, _, _ = served
     status, _, err = s.request("POST", "/api/predict", b"\x89PNG" + b"\0" * 300_000)
     assert status == 413 and "limit of 200000 bytes" in err["error"]
+    # a chunked body (no Content-Length) is counted as it arrives and cut off at the limit too
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", "/api/predict", body=iter([b"\0" * 65536] * 8), encode_chunked=True,
+                 headers={"Authorization": f"Bearer {TOKEN}", "Host": f"127.0.0.1:{s.port}"})
+    res = conn.getresponse()
+    assert res.status == 413 and "limit of 200000 bytes" in json.loads(res.read())["error"]
+    conn.close()
     status, _, err = s.request("POST", "/api/predict", b"this is not an image at all")
     assert status == 400 and "not a PNG" in err["error"] and "Traceback" not in err["error"]
     assert "upload" in err["error"] and "edgetl-serve-" not in err["error"]  # no server path leaks
