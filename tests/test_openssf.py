@@ -36,8 +36,9 @@ def model_signing_tool(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     env = tmp_path_factory.mktemp("model-signing") / "venv"
     venv.create(env, with_pip=True)
-    done = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "model-signing==1.1.1",
-                           "pyopenssl"], check=False, capture_output=True, text=True, timeout=900)
+    lock = Path(__file__).resolve().parents[1] / "requirements" / "model-signing-lock.txt"  # pinned, like the rest
+    done = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(lock),
+                           "model-signing", "pyopenssl"], check=False, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         pytest.skip(f"could not pip install model-signing into a venv of its own: {done.stderr.strip()[-300:]}")
     return str(env / "bin" / "model_signing")
