@@ -4,7 +4,9 @@
 - ``server``: write a Flower app folder (``pyproject.toml`` naming ``edgetl.fleet.app:server_app`` / ``client_app``
   and the run config) for ``flwr run`` against a SuperLink;
 - ``client``: start a Flower SuperNode for one device bundle (``flower-supernode`` with the bundle in its node config);
-- ``adopt``: pass a head written by a fleet server through the device's promote gate.
+- ``adopt``: pass a head written by a fleet server through the device's promote gate (verifying its signature against
+  the device's trusted key);
+- ``certs``: a CA, the SuperLink's TLS certificate and one node-authentication key pair per device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from click import UsageError
 
 _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
 
@@ -49,7 +52,14 @@ def _summary(result: dict) -> str:  # type: ignore[type-arg]
               f"(join: {max(result['join_bytes_up'].values(), default=0)} bytes)")]
     for node, reason in result["rejected"].items():
         lines.append(f"rejected device {node}: {reason}")
+    for node, reason in result.get("dropped", {}).items():
+        lines.append(f"left out device {node}: {reason}")
+    if result.get("signer"):
+        lines.append(f"head signed by key {result['signer']}")
     for node, adopted in result["adopted"].items():
+        if adopted.get("refused"):
+            lines.append(f"device {node}: refused the head ({adopted['reason']})")
+            continue
         state = "promoted" if adopted["promoted"] else "kept as candidate"
         lines.append(f"device {node}: {adopted['version']} {state} ({adopted['reason']})")
     lines.append(f"wrote {result['head_file']} (+ labels.json, fleet.json)")
@@ -123,35 +133,60 @@ clientapp = "edgetl.fleet.app:client_app"
               help="Flower app folder to write.")
 @_head_options
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds to wait for devices (to connect, and to answer each round).")
+              help="Seconds to wait for devices (to connect, and to answer each round); a device silent longer is "
+                   "left out of the run.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="The operator's Ed25519 private key (edgetl keys generate), on the SuperLink host: signs the "
+                   "fleet head (head.sig); devices with a trusted key refuse unsigned heads.")
 def server(bundle: Path, out: Path, app_dir: Path, head: str, strategy: str, rounds: int, momentum: float,
-           local_iter: int, min_clients: int, adopt: bool, force: bool, timeout: float) -> None:
+           local_iter: int, min_clients: int, adopt: bool, force: bool, timeout: float, sign_key: Path | None) -> None:
     """Write the Flower app for a fleet run, then print the commands that start it (Flower's deployment engine:
     flower-superlink here, `edgetl fleet client` on each device, `flwr run APP-DIR` to submit)."""
     from edgetl.device import DeviceRuntime
     from edgetl.fleet.app import FleetConfig
 
+    if sign_key is not None:
+        from edgetl.fleet.trust import sign_head
+
+        sign_head(b"", [], "", sign_key)  # a bad key fails now, not at the end of the run
     cfg = FleetConfig(extractor_sha256=DeviceRuntime(bundle).extractor_sha256, out=str(out.resolve()), head=head,
                       strategy=strategy,
                       rounds=rounds, local_iter=local_iter, momentum=momentum, min_clients=min_clients, adopt=adopt,
-                      force=force, timeout=timeout)
+                      force=force, timeout=timeout, sign_key=str(sign_key.resolve()) if sign_key else "")
     lines = [f"{k.replace('_', '-')} = {json.dumps(v)}" for k, v in asdict(cfg).items()]
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(_APP_TOML.format(config="\n".join(lines)), encoding="utf-8")
     click.echo(f"wrote {app_dir / 'pyproject.toml'} (extractor {cfg.extractor_sha256[:12]}…, {head} head)")
-    click.echo("start the SuperLink:      flower-superlink --insecure")
-    click.echo("on each device:           edgetl fleet client BUNDLE --superlink THIS-HOST:9092 --insecure")
-    click.echo(f"submit the run:           flwr run {app_dir} CONNECTION   (a [superlink.CONNECTION] in "
-               "~/.flwr/config.toml: address = \"THIS-HOST:9093\", insecure = true)")
+    click.echo("certificates and device keys: edgetl fleet certs CERTS --host THIS-HOST --node DEVICE ...")
+    click.echo("start the SuperLink:  flower-superlink --ssl-ca-certfile CERTS/ca.crt --ssl-certfile CERTS/server.crt "
+               "--ssl-keyfile CERTS/server.key --enable-supernode-auth --disable-runtime-dependency-installation "
+               "--host 0.0.0.0 --port 9093")
+    click.echo("register each device: flwr supernode register CERTS/nodes/DEVICE.pub CONNECTION")
+    click.echo("on each device:       edgetl fleet client BUNDLE --superlink THIS-HOST:9093 --root-certificates "
+               "ca.crt --auth-key DEVICE")
+    click.echo(f"submit the run:       flwr run {app_dir} CONNECTION --stream   (CONNECTION: a [superlink.CONNECTION] "
+               "in $FLWR_HOME/config.toml with address = \"THIS-HOST:9093\" and root-certificates = \"CERTS/ca.crt\")")
 
 
 @fleet.command()
 @_bundle_arg
-@click.option("--superlink", required=True, help="HOST:PORT of the Flower SuperLink's Fleet API (port 9092).")
-@click.option("--insecure", is_flag=True, help="Plain gRPC (testing only); else pass --root-certificates.")
-@click.option("--root-certificates", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM).")
+@click.option("--superlink", required=True, help="HOST:PORT of the Flower SuperLink (its --port).")
+@click.option("--insecure", is_flag=True, help="Plain HTTP (testing only); else pass --root-certificates.")
+@click.option("--root-certificates", type=click.Path(path_type=Path), default=None,
+              help="CA certificate (PEM) that signed the SuperLink's certificate (edgetl fleet certs: ca.crt).")
+@click.option("--auth-key", type=click.Path(path_type=Path), default=None,
+              help="This device's node-authentication private key (edgetl fleet certs: nodes/NAME); its public key "
+                   "must be registered with the SuperLink.")
+@click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
+              help="The operator's public key (KEY.pub): adopt only fleet heads it signed [env EDGETL_TRUST].")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Local port of the SuperNode's runtime API (default 9094; one per SuperNode on a machine).")
+@click.option("--drill", type=click.Choice(["crash", "nan", "shape", "slow"]), default=None,
+              help="Rehearse a fault on a staging fleet: at its first training reply the device crashes, stalls, or "
+                   "sends NaNs or a misshapen update.")
 @click.option("--dry-run", is_flag=True, help="Check the bundle and print the SuperNode command without running it.")
-def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path | None, dry_run: bool) -> None:
+def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path | None, auth_key: Path | None,
+           trust: Path | None, port: int | None, drill: str | None, dry_run: bool) -> None:
     """Start a Flower SuperNode for the device BUNDLE (its head's training embeddings stay on the device)."""
     from edgetl.device import DeviceRuntime
     from edgetl.errors import RuntimeMissingError
@@ -162,13 +197,25 @@ def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path
     exe = shutil.which("flower-supernode") or str(Path(sys.executable).parent / "flower-supernode")
     if not Path(exe).exists():
         raise RuntimeMissingError("flower-supernode is not installed; install it with: pip install 'edgetl[fleet]'")
-    cmd = [exe, "--superlink", superlink, "--node-config", f"bundle={json.dumps(str(bundle.resolve()))}"]
+    if insecure and (root_certificates or auth_key):
+        raise UsageError("--insecure turns TLS off; drop it to use --root-certificates or --auth-key")
+    node_config = f"bundle={json.dumps(str(bundle.resolve()))}"
+    if trust is not None:
+        from edgetl.signing import load_public_key
+
+        load_public_key(trust)  # a bad key fails now, not at the end of the run
+        node_config += f" trust={json.dumps(str(trust.resolve()))}"
+    node_config += f" drill={json.dumps(drill)}" if drill else ""
+    cmd = [exe, "--superlink", superlink, "--node-config", node_config]
     cmd += ["--insecure"] if insecure else []
-    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else []
+    cmd += ["--root-certificates", str(root_certificates.resolve())] if root_certificates else []
+    cmd += ["--auth-supernode-private-key", str(auth_key.resolve())] if auth_key else []
+    cmd += ["--port", str(port)] if port else []
     click.echo(f"device {bundle}: extractor {runtime.extractor_sha256[:12]}…, {len(data.y)} training embeddings, "
                f"classes {', '.join(data.classes)}")
-    click.echo(" ".join(cmd))
+    click.echo(" ".join(cmd), err=not dry_run)
     if not dry_run:
+        sys.stdout.flush()
         os.execv(cmd[0], cmd)
 
 
@@ -181,12 +228,17 @@ def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path
 @click.option("--force", is_flag=True, help="Promote even if the gate would keep it as a candidate.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to wait for another trainer to finish.")
-def adopt(bundle: Path, head_dir: Path, tolerance: float, force: bool, wait: float) -> None:
-    """Adopt a fleet head on the device BUNDLE through its promote gate."""
+@click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",
+              help="The operator's public key (KEY.pub): refuse a head it did not sign (head.sig) [env EDGETL_TRUST].")
+def adopt(bundle: Path, head_dir: Path, tolerance: float, force: bool, wait: float, trust: Path | None) -> None:
+    """Adopt a fleet head on the device BUNDLE through its promote gate (with --trust: only a head signed by the
+    operator's key; the audit log names the signer)."""
     from edgetl.device import DeviceRuntime
     from edgetl.errors import DataError
-    from edgetl.fleet.app import read_result
+    from edgetl.fleet.app import read_result, verify_fleet_head
+    from edgetl.fleet.trust import SIGNATURE_FILE
     from edgetl.registry import sha256_file
+    from edgetl.signing import MAX_SIGNATURE_BYTES, read_small_file
 
     meta = read_result(head_dir)
     if sha256_file(head_dir / "head.npz") != meta.get("head_sha256"):
@@ -196,9 +248,36 @@ def adopt(bundle: Path, head_dir: Path, tolerance: float, force: bool, wait: flo
         labels = json.loads((head_dir / "labels.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{head_dir / 'labels.json'} is missing or unreadable ({exc})") from exc
-    report = DeviceRuntime(bundle).adopt_head(head_dir / "head.npz", labels, source=f"fleet {head_dir}",
-                                              extractor_sha256=meta["extractor_sha256"], tolerance=tolerance,
-                                              force=force, wait=wait)
+    sig_path = head_dir / SIGNATURE_FILE
+    signature = read_small_file(sig_path, MAX_SIGNATURE_BYTES, "head signature") if sig_path.is_file() else b""
+    runtime = DeviceRuntime(bundle)
+    signed = verify_fleet_head((head_dir / "head.npz").read_bytes(), labels, str(meta["extractor_sha256"]), signature,
+                               trust, str(head_dir))
+    report = runtime.adopt_head(head_dir / "head.npz", labels, source=f"fleet {head_dir}; {signed}",
+                                extractor_sha256=meta["extractor_sha256"], tolerance=tolerance, force=force,
+                                wait=wait)
     state = "promoted" if report.promoted else "kept as candidate"
     acc = f", accuracy on local data {report.val_accuracy:.3f}" if report.val_accuracy is not None else ""
-    click.echo(f"{report.version} {state}: {report.reason}{acc}")
+    click.echo(f"{report.version} {state}: {report.reason}{acc} ({signed})")
+
+
+@fleet.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
+              help="Name or IP address the devices use to reach the SuperLink (repeat; the server certificate "
+                   "covers each).")
+@click.option("--node", "nodes", multiple=True, help="A device name: writes its node-authentication key pair "
+              "nodes/NAME and nodes/NAME.pub (repeat).")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, help="Certificate validity.")
+def certs(out: Path, hosts: tuple[str, ...], nodes: tuple[str, ...], days: int) -> None:
+    """Write a fleet's certificate authority (OUT/ca.crt), the SuperLink's TLS certificate (OUT/server.crt, .key)
+    and one node-authentication key pair per --node (OUT/nodes/NAME, NAME.pub). Run again with new --node names to
+    add devices."""
+    from edgetl.fleet.certs import make_certs
+
+    made = make_certs(out, hosts=hosts, nodes=nodes, days=days)
+    click.echo(f"CA {made.ca_cert} (give it to every device and to flwr; keep {made.ca_key.name} offline)")
+    click.echo(f"SuperLink {made.server_cert}, {made.server_key} for {', '.join(hosts)}")
+    for name, (private, public) in made.node_keys.items():
+        click.echo(f"device {name}: private key {private} (copy to the device), public key {public} "
+                   "(flwr supernode register)")

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,7 @@ class FleetConfig:
     adopt: bool = False
     force: bool = False
     timeout: float = 600.0
+    sign_key: str = ""  #: the operator's Ed25519 private key (PEM, on the SuperLink host): signs the fleet head
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
@@ -110,13 +112,16 @@ class FleetResult:
     classes: list[str]
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)  #: accepted, then left out: crashed, silent or bad update
     rounds: int = 0
     bytes_up: list[dict[str, int]] = field(default_factory=list)  #: per round: node id → bytes it sent
     bytes_down: list[dict[str, int]] = field(default_factory=list)  #: per round: node id → bytes it received
+    round_seconds: list[float] = field(default_factory=list)  #: per round: send to last reply, seconds
     join_bytes_up: dict[str, int] = field(default_factory=dict)  #: node id → bytes of its join reply (stats)
     adopted: dict[int, dict[str, Any]] = field(default_factory=dict)
     head_file: str = ""
     head_sha256: str = ""
+    signer: str = ""  #: fingerprint of the key that signed the head ("" when unsigned)
     extractor_sha256: str = ""
     seconds: float = 0.0
 
@@ -162,6 +167,36 @@ def _bundle_for(context: Any, bundles: Sequence[str] | None) -> str:
     raise DataError("this Flower SuperNode names no bundle; start it with --node-config \"bundle='/path/to/bundle'\"")
 
 
+DRILLS = ("crash", "nan", "shape", "slow")
+
+
+def _drill(context: Any, stage: str) -> str:
+    """A fault this SuperNode was told to rehearse (node config ``drill``; ``edgetl fleet client --drill``), applied at
+    the device's first training reply: ``crash`` ends the ClientApp process mid-round, ``slow`` sleeps past any round
+    timeout, ``nan`` / ``shape`` send a poisoned or misshapen update. Returns the drill to apply to the reply ("" for
+    none)."""
+    drill = str(dict(context.node_config).get("drill", ""))
+    if not drill:
+        return ""
+    if drill not in DRILLS:
+        raise DataError(f"unknown fleet drill {drill!r}; use one of {', '.join(DRILLS)}")
+    log.warning("fleet drill %r at %s", drill, stage)
+    if drill == "crash":
+        os._exit(70)  # the process dies without a reply, as on a power cut
+    if drill == "slow":
+        time.sleep(float(dict(context.node_config).get("drill-seconds", 3600.0)))
+    return drill
+
+
+def _poison(drill: str, array: np.ndarray) -> np.ndarray:
+    if drill == "nan":
+        array = np.array(array, copy=True)
+        array.reshape(-1)[0] = np.nan
+    elif drill == "shape":
+        array = np.asarray(array)[..., :-1]
+    return array
+
+
 def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  # type: ignore[no-untyped-def]
     """The Flower ``ClientApp`` of a device. Its bundle comes from the node config (``bundle``) or, in a simulation,
     from ``bundles[partition-id]``."""
@@ -201,6 +236,7 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
         _, data = _checked(msg, context)
         union = list(msg.content["config"]["classes"])
         sums, counts = core.local_ncm_sums(data, union, msg.content["arrays"]["centre"].numpy())
+        sums = _poison(_drill(context, "train.ncm"), sums)
         reply = fa.RecordDict({"arrays": fa.ArrayRecord({"sums": fa.Array(sums), "counts": fa.Array(counts)})})
         return fa.Message(reply, reply_to=msg)
 
@@ -222,6 +258,7 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
             data, list(cfg["classes"]), arrays["coef"].numpy(), arrays["intercept"].numpy(),
             np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32),
             np.asarray(cfg["class_weights"], np.float64), float(cfg["l2"]), int(cfg["local_iter"]))
+        coef = _poison(_drill(context, "train"), coef)
         reply = fa.RecordDict({"arrays": fa.ArrayRecord({"coef": fa.Array(coef), "intercept": fa.Array(intercept)}),
                                "metrics": fa.MetricRecord({"share": share, "num-examples": len(data.y)})})
         return fa.Message(reply, reply_to=msg)
@@ -233,6 +270,7 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
         loss, grad = core.local_softmax_gradient(
             data, list(cfg["classes"]), msg.content["arrays"]["theta"].numpy(), np.asarray(cfg["mean"], np.float32),
             np.asarray(cfg["std"], np.float32), np.asarray(cfg["class_weights"], np.float64))
+        grad = _poison(_drill(context, "train.gradient"), grad)
         reply = fa.RecordDict({"arrays": fa.ArrayRecord({"grad": fa.Array(grad.astype(np.float32))}),
                                "metrics": fa.MetricRecord({"loss": loss})})
         return fa.Message(reply, reply_to=msg)
@@ -241,17 +279,45 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
     def adopt(msg: Any, context: Any) -> Any:
         runtime, _ = _checked(msg, context)
         cfg = msg.content["config"]
+        head, labels = bytes(cfg["head"]), [str(c) for c in cfg["classes"]]
+        signature = bytes(cfg["signature"]) if "signature" in cfg else b""
+        trust = str(dict(context.node_config).get("trust", ""))
+        try:
+            signed = verify_fleet_head(head, labels, str(cfg["extractor_sha256"]), signature, trust or None,
+                                       "from the fleet server")
+        except EdgeTLError as exc:
+            log.warning("fleet: head refused: %s", exc)
+            runtime._log("fleet_head_refused", reason=str(exc), source=str(cfg["source"]))
+            reply = fa.ConfigRecord({"version": "", "promoted": False, "refused": True, "reason": str(exc),
+                                     "local_accuracy": -1.0})
+            return fa.Message(fa.RecordDict({"config": reply}), reply_to=msg)
         with tempfile.TemporaryDirectory(prefix="edgetl-fleet-") as tmp:
             path = Path(tmp) / "head.npz"
-            path.write_bytes(bytes(cfg["head"]))
-            report = runtime.adopt_head(path, list(cfg["classes"]), source=str(cfg["source"]),
+            path.write_bytes(head)
+            report = runtime.adopt_head(path, labels, source=f"{cfg['source']}; {signed}",
                                         extractor_sha256=str(cfg["extractor_sha256"]), force=bool(cfg["force"]),
                                         wait=30.0)
         reply = fa.ConfigRecord({"version": report.version, "promoted": report.promoted, "reason": report.reason,
+                                 "refused": False, "signer": signed,
                                  "local_accuracy": -1.0 if report.val_accuracy is None else report.val_accuracy})
         return fa.Message(fa.RecordDict({"config": reply}), reply_to=msg)
 
     return app
+
+
+def verify_fleet_head(head: bytes, labels: Sequence[str], extractor_sha256: str, signature: bytes,
+                      trust: str | os.PathLike[str] | None, where: str) -> str:
+    """The device's check of a fleet head before its promote gate. With a trusted key (``trust``) the head must
+    carry that key's signature (else :class:`~edgetl.errors.BundleError`); returns the audit text naming the signer
+    ("signed by KEY-FINGERPRINT (trusted key PATH)" or, without a trusted key, that no signature was checked)."""
+    if trust is None:
+        if signature:
+            return "signature not checked (this device has no trusted key)"
+        return "unsigned; not checked (this device has no trusted key)"
+    from edgetl.fleet.trust import verify_head
+
+    signer = verify_head(head, labels, extractor_sha256, signature, trust, where)
+    return f"signed by {signer} (trusted key {trust})"
 
 
 # ------------------------------------------------------------------------------------------------------ the server
@@ -265,6 +331,11 @@ def _content_digest(reply: Any) -> str:
     return digest.hexdigest()
 
 
+def _content_digest_of(content: Any) -> str:
+    """:func:`_content_digest` of a reply's content."""
+    return _content_digest(SimpleNamespace(content=content))
+
+
 def _bytes(content: Any) -> int:
     """Payload bytes of a message's records (arrays, metrics, configs) as Flower counts them."""
     total = 0
@@ -273,30 +344,75 @@ def _bytes(content: Any) -> int:
     return total
 
 
+def check_arrays(content: Any, shapes: dict[str, tuple[int, ...]]) -> str:
+    """Why a device's reply cannot be aggregated ("" when it can): each named array present, of the expected shape,
+    and finite (a NaN or an infinity in one update would poison the fleet's head)."""
+    try:
+        arrays = content["arrays"]
+    except KeyError:
+        return "its reply carries no arrays"
+    for name, shape in shapes.items():
+        if name not in arrays:
+            return f"its update lacks {name!r}"
+        value = arrays[name].numpy()
+        if tuple(value.shape) != tuple(shape):
+            return f"its {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return f"its {name!r} holds {int((~np.isfinite(value)).sum())} NaN or infinite value(s)"
+        if value.dtype.kind in "iu" and (value < 0).any():
+            return f"its {name!r} holds negative counts"
+    return ""
+
+
+def _drop(result: FleetResult, node: int, reason: str) -> None:
+    result.dropped[int(node)] = reason
+    log.warning("fleet: device %s left out: %s", node, reason)
+
+
 def _exchange(grid: Any, nodes: Iterable[int], message_type: str, content_for: Any, timeout: float,
-              result: FleetResult | None = None) -> dict[int, Any]:
-    """Send one message to each node, wait for every reply; error replies raise. Returns node → reply content."""
+              result: FleetResult, count: bool = True, shapes: dict[str, tuple[int, ...]] | None = None
+              ) -> dict[int, Any]:
+    """Send one message to each node and collect the replies. A device that fails (its ClientApp crashed or raised),
+    does not answer within ``timeout`` or sends an update that :func:`check_arrays` refuses (``shapes``) is left out
+    of the run, with the reason in ``result.dropped``. Returns node → reply content of the others."""
     fa = _flwr()
+    nodes = [int(n) for n in nodes]
     messages, down = [], {}
     for node in nodes:
         content = content_for(node)
         down[str(node)] = _bytes(content)
         messages.append(fa.Message(content=content, dst_node_id=node, message_type=message_type))
-    replies = {}
+    replies, answered = {}, set()
+    start = time.perf_counter()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = int(reply.metadata.src_node_id)
+        answered.add(node)
         if reply.has_error():
-            raise EdgeTLError(f"device {node} failed in {message_type}: {reply.error.reason}")
+            _drop(result, node, f"failed in {message_type}: {reply.error.reason}")
+            continue
+        reason = check_arrays(reply.content, shapes) if shapes else ""
+        if reason:
+            _drop(result, node, f"update rejected in {message_type}: {reason}")
+            continue
         replies[node] = reply.content
-    missing = {int(n) for n in nodes} - set(replies)
-    if missing:
-        raise EdgeTLError(f"{len(missing)} device(s) did not answer {message_type} within {timeout:.0f} s; raise "
-                          "--timeout or check the SuperNodes")
-    if result is not None:
+    for node in sorted(set(nodes) - answered):
+        _drop(result, node, f"no answer to {message_type} within {timeout:.0f} s (crashed, offline or too slow)")
+    if count:
         result.bytes_down.append(down)
         result.bytes_up.append({str(n): _bytes(c) for n, c in replies.items()})
+        result.round_seconds.append(round(time.perf_counter() - start, 3))
         result.rounds += 1
     return replies
+
+
+def _alive(result: FleetResult, cfg: FleetConfig) -> list[int]:
+    """The accepted devices not left out so far; at least ``min_clients`` of them, else the run stops."""
+    alive = [n for n in result.accepted if n not in result.dropped]
+    if len(alive) < cfg.min_clients:
+        reasons = "; ".join(f"{n}: {r}" for n, r in result.dropped.items())
+        raise EdgeTLError(f"only {len(alive)} device(s) left, fewer than --min-clients {cfg.min_clients} "
+                          f"(left out: {reasons})")
+    return alive
 
 
 def _wait_for_nodes(grid: Any, min_clients: int, timeout: float) -> list[int]:
@@ -321,7 +437,10 @@ def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
         return fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256} | values)
 
     nodes = _wait_for_nodes(grid, cfg.min_clients, cfg.timeout)
-    joined = _exchange(grid, nodes, "query.join", lambda n: fa.RecordDict({"config": config()}), cfg.timeout)
+    joined = _exchange(grid, nodes, "query.join", lambda n: fa.RecordDict({"config": config()}), cfg.timeout,
+                       result, count=False)
+    for node in list(result.dropped):  # failed or silent at join: never accepted
+        result.rejected[node] = result.dropped.pop(node)
     result.join_bytes_up = {str(n): _bytes(c) for n, c in joined.items()}
     reports = []
     for node, content in sorted(joined.items()):
@@ -331,33 +450,48 @@ def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
                                      f"{cfg.extractor_sha256[:12]}…; install the fleet's bundle on this device")
             log.warning("fleet: device %s rejected: %s", node, result.rejected[node])
             continue
+        names = list(content["config"]["classes"])
+        reason = check_arrays(content, {"class_counts": (len(names),)}) or check_arrays(
+            content, {k: tuple(content["arrays"][k].numpy().shape) for k in ("feature_sum", "feature_sumsq")})
+        if reason:
+            result.rejected[node] = f"join statistics rejected: {reason}"
+            log.warning("fleet: device %s rejected: %s", node, result.rejected[node])
+            continue
         result.accepted.append(node)
         arrays = content["arrays"]
-        reports.append((list(content["config"]["classes"]), {k: arrays[k].numpy() for k in arrays}))
+        reports.append((names, {k: arrays[k].numpy() for k in arrays}))
     if len(result.accepted) < cfg.min_clients:
         raise EdgeTLError(f"only {len(result.accepted)} device(s) run the fleet's extractor; at least "
                           f"{cfg.min_clients} are needed ({len(result.rejected)} rejected)")
     stats = core.merge_stats(reports)
     result.classes = stats.classes
-    accepted = result.accepted
+    n_classes, dim = len(stats.classes), len(stats.mean)
 
     if cfg.head == "ncm":
         centre = fa.ArrayRecord({"centre": fa.Array(stats.mean)})
-        sums_replies = _exchange(grid, accepted, "train.ncm", lambda n: fa.RecordDict(
-            {"config": config(classes=stats.classes), "arrays": centre}), cfg.timeout, result)
-        sums = sum(c["arrays"]["sums"].numpy() for c in sums_replies.values())
-        counts = sum(c["arrays"]["counts"].numpy() for c in sums_replies.values())
+        sums_replies = _exchange(grid, _alive(result, cfg), "train.ncm", lambda n: fa.RecordDict(
+            {"config": config(classes=stats.classes), "arrays": centre}), cfg.timeout, result,
+            shapes={"sums": (n_classes, dim), "counts": (n_classes,)})
+        sums_replies = {n: c for n, c in sums_replies.items() if n in _alive(result, cfg)}
+        # content order, not arrival order: the same fleet gives the same head bit for bit
+        ordered = sorted(sums_replies.values(), key=_content_digest_of)
+        sums = np.sum([c["arrays"]["sums"].numpy() for c in ordered], axis=0)
+        counts = np.sum([c["arrays"]["counts"].numpy() for c in ordered], axis=0)
+        empty = [stats.classes[i] for i in np.flatnonzero(counts == 0)]
+        if empty:
+            raise EdgeTLError(f"class(es) {', '.join(empty)} lost every device that held them ({len(result.dropped)} "
+                              "left out); rerun when those devices are back")
         head_arrays = fa.ArrayRecord({"centre": fa.Array(stats.mean), "sums": fa.Array(np.asarray(sums)),
                                       "counts": fa.Array(np.asarray(counts))})
         search = core.ScaleSearch()
         while not search.done:
-            replies = _exchange(grid, accepted, "query.ncm_scale", lambda n: fa.RecordDict(
+            replies = _exchange(grid, _alive(result, cfg), "query.ncm_scale", lambda n: fa.RecordDict(
                 {"config": config(classes=stats.classes, scale=search.scale), "arrays": head_arrays}), cfg.timeout,
-                result)
+                result, shapes={"moments": (3,)})
             search.update(sum(c["arrays"]["moments"].numpy() for c in replies.values()))
         head = core.ncm_head(stats.mean, np.asarray(sums), np.asarray(counts), search.scale)
     else:
-        head = _SOFTMAX[cfg.strategy](grid, cfg, stats, accepted, result)
+        head = _SOFTMAX[cfg.strategy](grid, cfg, stats, result)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,12 +502,22 @@ def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
     atomic_write_json(out / "labels.json", stats.classes)
     result.head_file = str(out / "head.npz")
     result.head_sha256 = hashlib.sha256(payload).hexdigest()
+    signature = b""
+    if cfg.sign_key:
+        from edgetl.fleet.trust import SIGNATURE_FILE, sign_head
+
+        signed = sign_head(payload, stats.classes, cfg.extractor_sha256, cfg.sign_key)
+        signature, result.signer = signed.signature, signed.signer
+        atomic_write(out / SIGNATURE_FILE, lambda fh: fh.write(signature))
+    elif (out / "head.sig").exists():
+        (out / "head.sig").unlink()  # a stale signature of an earlier head must not sit beside this one
 
     if cfg.adopt:
-        adopt_cfg = config(classes=stats.classes, head=payload, source=f"fleet {cfg.head} head ({len(accepted)} "
-                           f"devices)", force=cfg.force)
-        replies = _exchange(grid, accepted, "query.adopt", lambda n: fa.RecordDict({"config": adopt_cfg}),
-                            cfg.timeout)
+        alive = _alive(result, cfg)
+        adopt_cfg = config(classes=stats.classes, head=payload, source=f"fleet {cfg.head} head ({len(alive)} "
+                           "devices)", force=cfg.force, **({"signature": signature} if signature else {}))
+        replies = _exchange(grid, alive, "query.adopt", lambda n: fa.RecordDict({"config": adopt_cfg}),
+                            cfg.timeout, result, count=False)
         result.adopted = {n: dict(c["config"]) for n, c in replies.items()}
     result.seconds = round(time.perf_counter() - start, 2)
     atomic_write_json(out / "fleet.json", asdict(result) | {"config": asdict(cfg), "n_samples": stats.n,
@@ -381,7 +525,7 @@ def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
     return result
 
 
-def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[int], result: FleetResult) -> Any:
+def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetResult) -> Any:
     """Flower's FedAvgM over the accepted devices: FedAvg weighted by each device's share of the global objective,
     with server momentum (devices holding different classes pull the head apart; momentum damps that)."""
     fa = _flwr()
@@ -396,40 +540,54 @@ def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[
                 self.current_arrays = arrays
             config["server-round"] = server_round
             record = fa.RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-            result.bytes_down.append({str(n): _bytes(record) for n in accepted})
-            return self._construct_messages(record, accepted, fa.MessageType.TRAIN)
+            alive = _alive(result, cfg)
+            self.sent, self.started = alive, time.perf_counter()
+            result.bytes_down.append({str(n): _bytes(record) for n in alive})
+            return self._construct_messages(record, alive, fa.MessageType.TRAIN)
 
         def aggregate_train(self, server_round: int, replies: Any) -> Any:
-            replies = list(replies)
-            failed = [r for r in replies if r.has_error()]
-            if failed:
-                raise EdgeTLError(f"device {failed[0].metadata.src_node_id} failed in round {server_round}: "
-                                  f"{failed[0].error.reason}")
-            if len(replies) < len(accepted):
-                raise EdgeTLError(f"only {len(replies)} of {len(accepted)} devices answered round {server_round}; "
-                                  "raise --timeout or check the SuperNodes")
+            replies, good = list(replies), []
+            for reply in replies:
+                node = int(reply.metadata.src_node_id)
+                if reply.has_error():
+                    _drop(result, node, f"failed in round {server_round}: {reply.error.reason}")
+                    continue
+                reason = check_arrays(reply.content, shapes)
+                share = reply.content["metrics"]["share"] if "metrics" in reply.content else float("nan")
+                if not reason and not (np.isfinite(share) and share > 0):
+                    reason = f"its weight (share) is {share}"
+                if reason:
+                    _drop(result, node, f"update rejected in round {server_round}: {reason}")
+                    continue
+                good.append(reply)
+            for node in sorted(set(self.sent) - {int(r.metadata.src_node_id) for r in replies}):
+                _drop(result, node, f"no answer in round {server_round} within {cfg.timeout:.0f} s")
+            _alive(result, cfg)
+            replies = good
             result.bytes_up.append({str(r.metadata.src_node_id): _bytes(r.content) for r in replies})
+            result.round_seconds.append(round(time.perf_counter() - self.started, 3))
             result.rounds += 1
             # aggregate in an order fixed by the replies' content, not by their arrival: the same fleet then gives
             # the same head (float sums depend on their order, and 60 rounds of line searches amplify that)
             return super().aggregate_train(server_round, sorted(replies, key=_content_digest))
 
     n_classes, dim = len(stats.classes), len(stats.mean)
+    shapes = {"coef": (n_classes, dim), "intercept": (n_classes,)}
     initial = fa.ArrayRecord({"coef": fa.Array(np.zeros((n_classes, dim), np.float32)),
                               "intercept": fa.Array(np.zeros(n_classes, np.float32))})
     train_config = fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256, "classes": stats.classes,
                                     "mean": stats.mean.astype(float).tolist(), "std": stats.std.astype(float).tolist(),
                                     "class_weights": core.class_weights(stats.counts).tolist(), "l2": cfg.l2,
                                     "local_iter": cfg.local_iter})
-    strategy = _Accepted(fraction_evaluate=0.0, min_train_nodes=len(accepted), min_available_nodes=len(accepted),
+    _alive(result, cfg)
+    strategy = _Accepted(fraction_evaluate=0.0, min_train_nodes=cfg.min_clients, min_available_nodes=cfg.min_clients,
                          weighted_by_key="share", server_learning_rate=1.0, server_momentum=cfg.momentum)
     out = strategy.start(grid, initial, num_rounds=cfg.rounds, timeout=cfg.timeout, train_config=train_config)
     return core.softmax_head(out.arrays["coef"].numpy(), out.arrays["intercept"].numpy(), stats.mean, stats.std,
                              l2=cfg.l2)
 
 
-def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accepted: list[int],
-                     result: FleetResult) -> Any:
+def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetResult) -> Any:
     """The L-BFGS of :class:`~edgetl.heads.SoftmaxHead` (same start, tolerance, memory) on the global objective,
     each evaluation one Flower round in which every device returns its term's loss and gradient (exact sums)."""
     fa = _flwr()
@@ -442,7 +600,13 @@ def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, accept
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         record = fa.RecordDict({"config": settings, "arrays": fa.ArrayRecord({"theta": fa.Array(theta)})})
-        replies = _exchange(grid, accepted, "train.gradient", lambda n: record, cfg.timeout, result)
+        accepted = _alive(result, cfg)
+        replies = _exchange(grid, accepted, "train.gradient", lambda n: record, cfg.timeout, result,
+                            shapes={"grad": (dim * n_classes + n_classes,)})
+        if len(replies) < len(accepted):  # the objective is a sum over every device: without one it is another
+            raise EdgeTLError(f"federated L-BFGS needs every device in every round; "
+                              f"{'; '.join(f'{n}: {r}' for n, r in result.dropped.items())}. Use --strategy fedavg "
+                              "on a fleet whose devices drop out")
         loss = sum(float(c["metrics"]["loss"]) for c in replies.values())
         grad = np.sum([c["arrays"]["grad"].numpy() for c in replies.values()], axis=0)
         W = theta[:dim * n_classes]
