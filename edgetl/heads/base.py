@@ -26,6 +26,8 @@ class Head(ABC):
     kind: ClassVar[str]
     #: names of learned array attributes written by :meth:`save`
     _arrays: ClassVar[tuple[str, ...]]
+    #: learned array attributes written when present and optional on load (heads saved by older versions lack them)
+    _optional_arrays: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> Head: ...
@@ -54,6 +56,7 @@ class Head(ABC):
         """Write settings and learned arrays to one ``.npz`` path or binary file (no pickled objects)."""
         self._check_fitted()
         arrays = {name: np.asarray(getattr(self, name)) for name in self._arrays}
+        arrays |= {name: np.asarray(getattr(self, name)) for name in self._optional_arrays if hasattr(self, name)}
         meta = json.dumps({"kind": self.kind, "params": self.get_params()}, default=float)
         np.savez(file, __meta__=np.array(meta), **arrays)
 
@@ -64,6 +67,9 @@ class Head(ABC):
             if name not in arrays:
                 raise StateError(f"head file lacks array {name!r}; it is truncated or from another version")
             setattr(head, name, arrays[name])
+        for name in cls._optional_arrays:
+            if name in arrays:
+                setattr(head, name, arrays[name])
         return head
 
 

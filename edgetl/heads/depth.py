@@ -86,9 +86,10 @@ class DepthHead(Head):
         Z = (Z - mean) / scale
         keep = max(s for _, s in ranges) if self.keep is None else int(self.keep)
         if 0 < keep < len(columns):
-            from edgetl.heads.softmax import SoftmaxHead
+            from edgetl.heads.softmax import DEFAULT_L2, SoftmaxHead
 
-            ranker = SoftmaxHead(seed=self.seed, max_iter=100).fit(Z, y)
+            # a fixed l2: the ranking needs no cross-validated strength (and stays as fast as before)
+            ranker = SoftmaxHead(l2=DEFAULT_L2, seed=self.seed, max_iter=100).fit(Z, y)
             relevance = np.linalg.norm(ranker.coef_, axis=0)  # per standardised feature, over the classes
             chosen = np.sort(np.argsort(-relevance, kind="stable")[:keep])
             columns, mean, scale, Z = columns[chosen], mean[chosen], scale[chosen], Z[:, chosen]
