@@ -28,7 +28,7 @@ from edgetl.cli import main
 from edgetl.device import DeviceRuntime
 from edgetl.serve.app import ServeSettings, create_app
 from edgetl.serve.console import Console, check_label
-from edgetl.serve.queue import NOVELTY_WEIGHT, rank
+from edgetl.serve.queue import NOVEL_EVERY, rank
 from tests.conftest import make_folder
 
 TOKEN = "test-token-0123456789abcdef"
@@ -160,36 +160,41 @@ def test_results_thumbnails_and_queue_ranking(served: tuple[Served, Path, Path])
     assert status == 200 and headers["content-type"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
     status, _, q = s.request("GET", "/api/queue?limit=30")
     assert status == 200 and q["length"] == 30 and q["classes"] == KNOWN and len(q["items"]) == 30
-    priorities = [i["priority"] for i in q["items"]]
     threshold = _threshold(s)
-    assert priorities == sorted(priorities, reverse=True)  # ranked by priority, highest first
+    novel = [i for i in q["items"] if i["placed_by"] == "novelty"]
+    uncertain = [i for i in q["items"] if i["placed_by"] == "uncertainty"]
+    assert uncertain and q["items"][0]["placed_by"] == ("novelty" if novel else "uncertainty")
     for item in q["items"]:
-        excess = min(max(item["novelty_now"] / threshold - 1, 0), 1)
-        assert item["priority"] == pytest.approx((1 - NOVELTY_WEIGHT) * (1 - item["margin"]) + NOVELTY_WEIGHT * excess,
-                                                 abs=1e-5)
+        assert item["priority"] == pytest.approx(1 - item["margin"], abs=1e-5)
+    # places 0, 10, 20: the most novel images beyond the threshold (most novel first); the rest by uncertainty
+    assert [k for k, i in enumerate(q["items"]) if i["placed_by"] == "novelty"] == \
+        [k for k in range(0, 30, NOVEL_EVERY)][:len(novel)]
+    assert all(i["novelty_now"] > threshold for i in novel)
+    assert [i["novelty_now"] for i in novel] == sorted((i["novelty_now"] for i in novel), reverse=True)
+    assert [i["priority"] for i in uncertain] == sorted((i["priority"] for i in uncertain), reverse=True)
     ids = [i["id"] for i in q["items"]]
     assert ids != sorted(ids) and ids != sorted(ids, reverse=True)  # not arrival order
-    # the sneaker images (a class the head does not know, arrived last) have a higher priority than the known
-    # classes on average, and one is near the top of the queue
-    sneaker = [(k, i["priority"]) for k, i in enumerate(q["items"]) if i["file"].startswith("sneaker")]
-    known = [i["priority"] for i in q["items"] if not i["file"].startswith("sneaker")]
-    assert sum(p for _, p in sneaker) / len(sneaker) > sum(known) / len(known)
-    assert min(k for k, _ in sneaker) < 5
+    # the sneakers (a class the head does not know, arrived last) look more novel than the known classes on average
+    novelty = {f: [i["novelty_now"] for i in q["items"] if i["file"].startswith(f)] for f in [*KNOWN, "sneaker"]}
+    assert sum(novelty["sneaker"]) / 6 > sum(sum(v) for k, v in novelty.items() if k != "sneaker") / 24, novelty
 
 
 def _threshold(s: Served) -> float:
     return float(s.request("GET", "/api/drift")[2]["threshold"])
 
 
-def test_rank_orders_by_margin_and_novelty() -> None:
+def test_rank_interleaves_uncertainty_and_novelty() -> None:
     import numpy as np
 
-    proba = np.array([[0.9, 0.1], [0.55, 0.45], [0.7, 0.3]])
-    assert rank(proba).order.tolist() == [1, 2, 0]
-    # a confident but novel image rises above an uncertain familiar one
-    proba = np.array([[0.9, 0.1], [0.8, 0.2]])
-    r = rank(proba, novelty=np.array([4.0, 0.2]), threshold=1.0)
-    assert r.order[0] == 0 and r.novelty_term is not None and r.novelty_term.tolist() == [1.0, 0.0]
+    proba = np.array([[0.9, 0.1], [0.55, 0.45], [0.7, 0.3], [0.8, 0.2]])
+    assert rank(proba).order.tolist() == [1, 2, 3, 0]  # by margin, smallest first
+    # a confident but novel image takes the first place; the next novelty place (every 2nd here) the next novel one
+    r = rank(proba, novelty=np.array([4.0, 0.5, 0.5, 2.0]), threshold=1.0, novel_every=2)
+    assert r.order.tolist() == [0, 1, 3, 2]
+    assert r.by_novelty.tolist() == [True, False, False, True] and r.novelty_term is not None
+    assert r.novelty_term.tolist() == [3.0, 0.0, 0.0, 1.0]
+    # nothing beyond the threshold: uncertainty alone
+    assert rank(proba, novelty=np.full(4, 0.5), threshold=1.0).order.tolist() == [1, 2, 3, 0]
     with pytest.raises(ValueError):
         rank(np.zeros(3))
 

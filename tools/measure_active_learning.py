@@ -10,7 +10,7 @@ A simulated operator answers the console's label queue (:func:`edgetl.serve.queu
 - start: ``--seed-per-class`` labelled images per class (the same for every strategy), then rounds of ``--batch``
   labels: **active** takes the top of the queue ranked by the current head (softmax, the device default, with its
   temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
-  **margin** the same without the novelty term (the ablation), **random** takes the pool in a random order; the head
+  **margin** the same without its novelty places (the ablation), **random** takes the pool in a random order; the head
   is refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
 - reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
   active reaches it with at most half as many labels.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgetl.heads import make_head
 from edgetl.novelty import Novelty, calibrated_proba, fit_temperature
-from edgetl.serve.queue import NOVELTY_WEIGHT, rank
+from edgetl.serve.queue import NOVEL_EVERY, rank
 
 BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
 CACHE = ROOT / ".cache" / "active_learning"
@@ -111,8 +111,8 @@ def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, b
             candidates = np.flatnonzero(mask)
             proba = calibrated_proba(head, X[candidates], temperature)
             scores = novelty.score(X[candidates]) if novelty is not None else None
-            weight = 0.0 if name == "margin" else NOVELTY_WEIGHT  # "margin": the ablation without novelty
-            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None, novelty_weight=weight)
+            every = 0 if name == "margin" else NOVEL_EVERY  # "margin": the ablation without novelty places
+            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None, novel_every=every)
             chosen = list(candidates[ranking.order[:take]])
         labelled.extend(int(i) for i in chosen)
     return curve
@@ -162,8 +162,8 @@ def plot(result: dict, out: Path) -> None:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
         d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
                fill="#c0392b", font=font)
-    legend = {"active": "active: the console's label queue (uncertainty + novelty)",
-              "margin": "margin only: the queue without its novelty term", "random": "random: random order"}
+    legend = {"active": "active: the console's label queue (uncertainty, 1 place in 10 novelty)",
+              "margin": "margin only: the queue without its novelty places", "random": "random: random order"}
     for k, name in enumerate(n for n in legend if n in curves):
         d.text((px(xmax * 0.45, 0)[0], px(0, ylo)[1] - 70 + 18 * k), legend[name], fill=colours[name], font=font)
     s = result["settings"]

@@ -28,7 +28,7 @@ import numpy as np
 from edgetl.data import IMAGE_SUFFIXES, ImageFolder, Sample
 from edgetl.errors import DataError, NotFittedError, StateError
 from edgetl.novelty import calibrated_proba
-from edgetl.serve.queue import NOVELTY_WEIGHT, rank
+from edgetl.serve.queue import NOVEL_EVERY, rank
 from edgetl.state import BUNDLE_HEAD, check_version
 
 if TYPE_CHECKING:
@@ -393,6 +393,7 @@ class Console:
             for j in ranking.order[:limit]:
                 top = np.argsort(-proba[j])[:3]
                 out.append(items[j].public() | {
+                    "placed_by": "novelty" if ranking.by_novelty[j] else "uncertainty",
                     "priority": round(float(ranking.priority[j]), 6), "margin": round(float(ranking.margin[j]), 6),
                     "entropy": round(float(ranking.entropy[j]), 6),
                     "novelty_now": None if scores is None else round(float(scores[j]), 6),
@@ -402,8 +403,8 @@ class Console:
         self.metrics.queue_length.set(len(items))
         return {"head_version": version, "classes": classes, "length": len(items), "items": out,
                 "inbox": str(self.inbox) if self.inbox else None,
-                "ranking": f"priority = {1 - NOVELTY_WEIGHT:g} x (1 - margin of the calibrated probabilities) + "
-                           f"{NOVELTY_WEIGHT:g} x clip(novelty / threshold - 1, 0, 1)"}
+                "ranking": f"1 place in {NOVEL_EVERY} (the first, ...) to the most novel image beyond the unknown "
+                           "threshold, the others by uncertainty (1 - margin of the calibrated probabilities)"}
 
     # ---------------------------------------------------------------------------------------------------- labels
     def _load_labels(self) -> None:
