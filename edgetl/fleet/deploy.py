@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -193,8 +194,8 @@ class LoopbackFleet:
             time.sleep(1.0)
         if proc.poll() is None:
             return ""
-        lines = [ln.strip() for ln in self.log_text(f"device-{name}").splitlines()
-                 if "Failed" in ln or "code:" in ln or "Exit Code" in ln]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text(f"device-{name}"))  # Flower colours its log
+        lines = [ln.strip() for ln in text.splitlines() if "Failed" in ln or "code:" in ln or "Exit Code" in ln]
         return " ".join(lines) or f"exited with code {proc.returncode}"
 
     def run(self, app_dir: Path, timeout: float = 600.0) -> tuple[str, str, dict[str, Any]]:
