@@ -72,12 +72,18 @@ def embed_batches(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, ba
     return np.concatenate([fn(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
 
+#: the L2 strength of every softmax head the gate fits. Fixed, not the device default's per-fit cross-validated choice:
+#: the gate compares FP32 and reduced-precision embeddings under identical head settings, so a graph's accuracy drop
+#: is not mixed with the noise of two different L2 choices on 50-250 held-out inputs
+GATE_L2 = 0.05
+
+
 def cv_accuracy(X: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
-    """Mean k-fold accuracy of the device's softmax head on these embeddings (held-out inputs only)."""
+    """Mean k-fold accuracy of a softmax head (``l2`` = :data:`GATE_L2`) on these embeddings (held-out inputs only)."""
     correct = 0
     for f in np.unique(folds):
         train, test = folds != f, folds == f
-        head = SoftmaxHead().fit(X[train], y[train])
+        head = SoftmaxHead(l2=GATE_L2).fit(X[train], y[train])
         correct += int((head.predict(X[test]) == y[test]).sum())
     return correct / len(y)
 
@@ -102,8 +108,8 @@ class Gate:
         # the reference heads: device softmax heads fitted on FP32 embeddings (cross-fitted on the held-out folds, so
         # no head judges an input it was fitted on), as a device's current head would be; a graph must make them
         # predict what they predict on FP32
-        self.reference_heads = [SoftmaxHead().fit(self.ref_held[self.folds != f], held_labels[self.folds != f])
-                                for f in range(5)]
+        self.reference_heads = [SoftmaxHead(l2=GATE_L2).fit(self.ref_held[self.folds != f],
+                                                            held_labels[self.folds != f]) for f in range(5)]
         self.ref_pred = self._reference_predict(self.ref_held)
         self.ref_accuracy = cv_accuracy(self.ref_held, held_labels, self.folds)
         self.groups = [(g["name"], slice(g["offset"], g["offset"] + g["size"])) for g in groups or []]
