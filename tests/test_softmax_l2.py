@@ -168,7 +168,7 @@ def test_cross_validation_costs_a_few_fits(monkeypatch: pytest.MonkeyPatch) -> N
     time measured by tools/measure_softmax_l2.py."""
     X, y = clusters(n_per_class=200, classes=5, dim=64)
     samples = [0]
-    make = softmax._objective
+    make = softmax.softmax_objective
 
     def counted(Z: np.ndarray, *args: object) -> object:
         objective = make(Z, *args)  # type: ignore[arg-type]
@@ -178,7 +178,7 @@ def test_cross_validation_costs_a_few_fits(monkeypatch: pytest.MonkeyPatch) -> N
             return objective(theta)
         return run
 
-    monkeypatch.setattr(softmax, "_objective", counted)
+    monkeypatch.setattr(softmax, "softmax_objective", counted)
     SoftmaxHead(l2=DEFAULT_L2).fit(X, y)
     fixed, samples[0] = samples[0], 0
     SoftmaxHead().fit(X, y)

@@ -113,25 +113,10 @@ def _softmax_objective(data: LocalData, union: Sequence[str], mean: np.ndarray, 
                        sample_w: np.ndarray, l2: float, n_classes: int):  # type: ignore[no-untyped-def]
     """``theta -> (loss, gradient)`` of sum_i w_i CE_i + l2/2 ||W||² on this device's standardised samples, in the
     parameter layout of :class:`~edgetl.heads.SoftmaxHead` (``W`` (D, C) raveled, then the bias)."""
-    y = data.to_union(union)
+    from edgetl.heads.softmax import softmax_objective
+
     Z = ((data.X - mean) / scale).astype(np.float32)
-    dim = Z.shape[1]
-    onehot = np.zeros((len(y), n_classes), dtype=np.float32)
-    onehot[np.arange(len(y)), y] = 1.0
-    sample_w = sample_w.astype(np.float32)
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        W = theta[:dim * n_classes].reshape(dim, n_classes)
-        s = Z @ W + theta[dim * n_classes:]
-        s -= s.max(axis=1, keepdims=True)
-        logsum = np.log(np.exp(s).sum(axis=1))
-        loss = float(sample_w @ (logsum - (s * onehot).sum(axis=1))) + 0.5 * l2 * float((W * W).sum())
-        p = np.exp(s - logsum[:, None])
-        p -= onehot
-        p *= sample_w[:, None]
-        return loss, np.concatenate([(Z.T @ p + l2 * W).ravel(), p.sum(axis=0)])
-
-    return objective
+    return softmax_objective(Z, data.to_union(union), n_classes, sample_w.astype(np.float32), l2)
 
 
 def local_softmax_gradient(data: LocalData, union: Sequence[str], theta: np.ndarray, mean: np.ndarray,

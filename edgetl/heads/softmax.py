@@ -122,7 +122,7 @@ class SoftmaxHead(Head):
         if l2 is None:
             l2, theta0, gtol, self.l2_cv_, history = self._choose_l2(Zt, yt, n_classes, rng)
         self.l2_ = np.float64(l2)
-        objective = _objective(Zt, yt, n_classes, sample_w, float(l2))
+        objective = softmax_objective(Zt, yt, n_classes, sample_w, float(l2))
 
         val_loss = None
         if len(val_idx):
@@ -186,7 +186,7 @@ class SoftmaxHead(Head):
                     _shift_history(part["history"], l2 - previous, dim * n_classes)
                 elif i:  # the folds' objectives are alike: start with the previous fold's curvature pairs
                     part["history"].extend(parts[i - 1]["history"])
-                objective = _objective(part["Z"], part["y"], n_classes, part["w"], l2)
+                objective = softmax_objective(part["Z"], part["y"], n_classes, part["w"], l2)
                 part["theta"], _, *end = _minimise(objective, part["theta"], self.max_iter, self.tol, self.memory,
                                                    history=part["history"], gtol=gtol * CV_GTOL / GTOL, start=start)
                 part["end"] = end
@@ -254,9 +254,9 @@ def _scores(Z: np.ndarray, theta: np.ndarray, n_classes: int) -> np.ndarray:
     return Z @ theta[:dim * n_classes].reshape(dim, n_classes) + theta[dim * n_classes:]
 
 
-def _objective(Z: np.ndarray, y: np.ndarray, n_classes: int, sample_w: np.ndarray, l2: float) -> Objective:
+def softmax_objective(Z: np.ndarray, y: np.ndarray, n_classes: int, sample_w: np.ndarray, l2: float) -> Objective:
     """``theta -> (loss, gradient)`` of the weighted mean cross-entropy + ``l2 / 2 ||W||²``; ``theta`` is ``W``
-    (D, C) raveled, then the bias (C,)."""
+    (D, C) raveled, then the bias (C,). The one softmax objective: the head fits it, the fleet sums it over devices."""
     dim = Z.shape[1]
     onehot = np.zeros((len(y), n_classes), dtype=np.float32)
     onehot[np.arange(len(y)), y] = 1.0
