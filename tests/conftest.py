@@ -24,7 +24,8 @@ DEVICE_LANE = os.environ.get("EDGETL_DEVICE_LANE") == "1"
 #: cannot deselect them: the device lane, which installs none of these, does not collect them. Their tests carry the
 #: marker named here too (``-m "not host"`` etc. deselects them anywhere).
 EXTRA_MODULES = {"test_backends.py": "host", "test_openvino.py": "host", "test_tflite.py": "host",
-                 "test_fleet.py": "fleet", "test_fleet_deploy.py": "fleet", "test_stream.py": "stream"}
+                 "test_fleet.py": "fleet", "test_fleet_deploy.py": "fleet", "test_stream.py": "stream",
+                 "test_sensitivity.py": "host"}
 collect_ignore = sorted(EXTRA_MODULES) if DEVICE_LANE else []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.host
 pytest.importorskip("torch")  # edgetl.host needs the host extra
 
 from edgetl.host.sensitivity import Trial, candidates, first_float_convs, mean_cosine
