@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgetl._atomic import atomic_write
 from edgetl.errors import BundleError, DataError, ExportValidationError, RuntimeMissingError, StateError
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ def _onnx_candidate(model: Any, meta: dict[str, str], threads: int | None) -> _C
         return dict(zip(names, session.run(names, {feed: batch})))
 
     def write(out: Path) -> list[Path]:
-        _atomic_bytes(out, data)
+        atomic_write(out, lambda fh: fh.write(data))
         onnx.checker.check_model(str(out))
         return [out]
 
@@ -436,15 +437,6 @@ NOT_SUPPORTED = {
     "tflite": "a TFLite file cannot be made from an ONNX graph without TensorFlow (onnx2tf) or torch (litert-torch), "
               "neither of which runs on the device; export --format onnx and run it with onnxruntime instead",
 }
-
-
-def _atomic_bytes(out: Path, data: bytes) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------------- checking
@@ -545,6 +537,8 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
                             "keys): edgetl keys generate --out KEY --type ecdsa-p256")
     if not out.parent.is_dir():
         raise DataError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise DataError(f"cannot write {out}: it is a folder; name a file, e.g. --out {out / 'model.onnx'}")
     rt = DeviceRuntime(bundle, backend="onnx", precision=precision or _head_precision(bundle, version),
                        threads=threads, trust=trust, profile=profile)
     if rt.bundle.modality != "image":
@@ -592,7 +586,10 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
     limit = limits.get(rt.precision, 1e-4)
     check = _check(candidate, batches, limit, n_golden, nov,
                    NOVELTY_LIMIT if limit <= PROBABILITY_LIMIT["fp32"] else OTHER_RUNTIME_NOVELTY_LIMIT)
-    files = candidate.write(out)
+    try:
+        files = candidate.write(out)
+    except OSError as exc:
+        raise DataError(f"cannot write {out} ({exc.strerror or exc}); choose a writable --out") from exc
     signature = None
     if sign is not None:
         from edgetl.openssf import sign_path

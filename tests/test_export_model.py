@@ -211,6 +211,17 @@ def test_cli(heads_bundle: tuple[Path, dict[str, str]], tmp_path: Path, demo_tes
     assert res.exit_code == 2  # not offered: no torch-free ONNX → TFLite converter
     res = _cli("device", "export-model", str(bundle), "--out", str(tmp_path / "missing" / "x.onnx"))
     assert res.exit_code == 1 and "does not exist" in res.output
+    (tmp_path / "folder.onnx").mkdir()  # a folder where the file should go: refused before any work, nothing left
+    res = _cli("device", "export-model", str(bundle), "--out", str(tmp_path / "folder.onnx"))
+    assert res.exit_code == 1 and "is a folder" in res.output and "unexpected" not in res.output
+    assert not list(tmp_path.glob(".folder.onnx*"))
+    link = tmp_path / "link.onnx"  # a link at --out is replaced by the file, its target left alone
+    target = tmp_path / "target.txt"
+    target.write_text("keep")
+    link.symlink_to(target)
+    res = _cli("device", "export-model", str(bundle), "--out", str(link), "--images", str(demo_test / "bag"))
+    assert res.exit_code == 0, res.output
+    assert not link.is_symlink() and target.read_text() == "keep"
 
 
 def test_no_head_is_one_line(bundle: Path, tmp_path: Path) -> None:
