@@ -165,6 +165,13 @@ def test_certs_make_a_ca_server_cert_and_node_keys(tmp_path: Path) -> None:
         make_certs(tmp_path / "c", nodes=["cam-1"])
     with pytest.raises(DataError, match="node name"):
         make_certs(tmp_path / "c", nodes=["../x"])
+    # a file or a link where the folder should be: a clear refusal, nothing written through the link
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for bad in ("file", "link"):
+        with pytest.raises(DataError, match="is not a folder"):
+            make_certs(tmp_path / bad, nodes=["cam-1"])
+    assert not (tmp_path / "elsewhere").exists() and (tmp_path / "file").read_text() == "x"
 
 
 def test_head_signature_covers_head_labels_and_extractor(tmp_path: Path) -> None:

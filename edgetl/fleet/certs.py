@@ -85,6 +85,10 @@ def make_certs(out: str | os.PathLike[str], hosts: Sequence[str] = ("localhost",
             raise DataError(f"node name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if days < 1:
         raise DataError(f"certificate validity must be at least 1 day, found {days}")
+    for folder in (out, out / "nodes"):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise DataError(f"{folder} exists and is not a folder (or is a link); name a new or existing certificate "
+                            "folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / "nodes").mkdir(exist_ok=True)
     pem = serialization.Encoding.PEM
