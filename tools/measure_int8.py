@@ -1,6 +1,9 @@
 """INT8 fidelity and speed: backbone x backend x data set (issue 14).
 
-    .venv/bin/python tools/measure_int8.py --out docs/results/int8_fidelity.json [--markdown docs/results/int8.md]
+    .venv/bin/python tools/measure_int8.py --out docs/results/int8_fidelity.json [--markdown docs/results/int8.md] \
+        [--data demo --data fashion-mnist --data digits-64] [--work DIR]
+
+Rows of data sets not named in this run are kept in --out (one data set can be measured at a time).
 
 For each data set and registry image backbone, one `edgetl export` (the product's own code: default --calib-size 64,
 default gate) with ONNX Runtime, OpenVINO and LiteRT graphs in FP32 and INT8 (`keep_failed` so that a failed graph is
@@ -123,8 +126,8 @@ def respeed(rows: list[dict[str, Any]], work: Path, data: dict[str, Path]) -> No
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| data | backbone | backend | mean cos | min cos | ref-head agree | drop (pts) | FP32 img/s | INT8 img/s "
-             "| speed-up | gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| data | backbone | backend | mean cos | min cos | ref-head agree | drop (pts) | FP32 img/s | INT8 img/s "
+              "| speed-up | gate |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['data']} | {r['backbone']} | {r['backend']} | {r['mean_cosine']:.3f} | {r['min_cosine']:.3f} "
                      f"| {r['top1_agreement']:.3f} | {r['drop_points']:.2f} | {r['fp32_img_s']:.0f} | "
@@ -166,12 +169,23 @@ def main() -> None:
 
     from edgetl.kit import lock_file
 
-    result = {"command": "python tools/measure_int8.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [], False)),
-              "machine": {"arch": platform.machine(), "processor": platform.processor() or platform.machine()},
-              "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__},
-              "lock": str(lock_file()), "seconds": round(time.time() - started), "rows": rows}
-    _write(args, result)
+    run = {"command": "python tools/measure_int8.py " + " ".join(sys.argv[1:]), "data": list(data),
+           "machine": {"arch": platform.machine(), "processor": platform.processor() or platform.machine()},
+           "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__},
+           "lock": str(lock_file()), "seconds": round(time.time() - started)}
+    _write(args, _merged(args.out, run, rows))
+
+
+def _merged(out: Path, run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results of this run, with the rows (and runs) of the other data sets already in ``out`` kept, so that the
+    data sets can be measured one command at a time."""
+    previous = json.loads(out.read_text()) if out.exists() else {"rows": [], "runs": []}
+    runs = previous.get("runs") or ([{k: previous[k] for k in ("command", "machine", "versions", "lock", "seconds")}
+                                     | {"data": sorted({r["data"] for r in previous["rows"]})}]
+                                    if "command" in previous else [])
+    kept = [r for r in previous["rows"] if r["data"] not in run["data"]]
+    return {"runs": [r for r in runs if not set(r["data"]) <= set(run["data"])] + [run], "rows": kept + rows,
+            **({"speed_command": previous["speed_command"]} if "speed_command" in previous else {})}
 
 
 def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
