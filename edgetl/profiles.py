@@ -1,5 +1,9 @@
 """Device profiles: ``devices/*.toml`` read into :class:`DeviceProfile` dataclasses; detection of the current machine.
 
+Each profile says which machines it describes in its ``detect`` table (:class:`DetectRule`: a substring of the
+device-tree model, the CPU architecture, a minimum number of cores; one profile is the ``fallback``);
+:func:`detect_profile` tries the rules against this machine's :class:`MachineFacts`.
+
 A profile also carries the board's memory (``memory_mb``, the smallest common variant), the RSS edgetl may use
 (``memory_budget_mb``, absent = unlimited) and published per-image latency figures (``[[latency]]`` tables, each with
 its source) that ``edgetl device bench`` compares its measurement with (:func:`expected_latency`).
@@ -47,6 +51,50 @@ class LatencyFigure:
 
 
 @dataclass(frozen=True)
+class MachineFacts:
+    """What :func:`detect_profile` knows about a machine."""
+
+    #: ``/proc/device-tree/model``, lower-cased ("" where there is none, e.g. on x86)
+    model: str
+    #: :func:`platform.machine` (``x86_64``, ``AMD64``, ``aarch64`` …)
+    machine: str
+    #: :func:`os.cpu_count`
+    cores: int
+
+    @classmethod
+    def here(cls) -> MachineFacts:
+        """The facts of the machine this runs on."""
+        model = ""
+        try:
+            model = Path("/proc/device-tree/model").read_text(errors="ignore").lower()
+        except OSError:
+            pass
+        return cls(model=model, machine=platform.machine(), cores=os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class DetectRule:
+    """When a profile describes a machine (its ``detect`` table). Every fact the rule names must hold: the
+    device-tree model contains one of ``model_contains`` (case-insensitive), the architecture is one of ``machine``,
+    there are at least ``min_cores`` cores. Rules are tried from the highest ``priority`` down (ties by profile id),
+    so a narrower rule that overlaps a broader one needs the higher priority (``orin`` over ``nvidia``). A
+    ``fallback`` rule names no facts and is taken when no other rule matches."""
+
+    model_contains: tuple[str, ...] = ()
+    machine: tuple[str, ...] = ()
+    min_cores: int = 0
+    priority: int = 0
+    fallback: bool = False
+
+    def matches(self, facts: MachineFacts) -> bool:
+        """Whether ``facts`` satisfy every fact this rule names (a fallback matches any machine)."""
+        model = facts.model.lower()
+        return ((not self.model_contains or any(s.lower() in model for s in self.model_contains))
+                and (not self.machine or facts.machine in self.machine)
+                and facts.cores >= self.min_cores)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """A target device: what it is, which runtimes it prefers and the limits to respect (0 = unknown / all)."""
 
@@ -70,6 +118,8 @@ class DeviceProfile:
     memory_variants_mb: tuple[int, ...] = field(default_factory=tuple)
     #: published latency figures (``[[latency]]``); empty where none was found
     latency: tuple[LatencyFigure, ...] = field(default_factory=tuple)
+    #: the machines this profile describes (None: :func:`detect_profile` never picks it)
+    detect: DetectRule | None = None
 
 
 def _field(path: Path, where: str, d: dict[str, Any], key: str, kind: type, *, default: Any = ...) -> Any:
@@ -121,6 +171,41 @@ def _parse_latency(path: Path, i: int, d: Any) -> LatencyFigure:
     return fig
 
 
+def _strings(path: Path, where: str, d: dict[str, Any], key: str) -> tuple[str, ...]:
+    """``d[key]``, a list of non-empty strings (empty when absent)."""
+    values = _field(path, where, d, key, list, default=[])
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise RegistryError(f"{path}: {where}{key} must be a list of non-empty strings, found {values!r}")
+    return tuple(values)
+
+
+def _parse_detect(path: Path, d: Any) -> DetectRule:
+    where = "detect."
+    if not isinstance(d, dict):
+        raise RegistryError(f"{path}: detect must be a table, e.g. detect = {{ model_contains = [\"orin\"] }}, found "
+                            f"{d!r}")
+    known = DetectRule.__dataclass_fields__
+    unknown = set(d) - set(known)
+    if unknown:
+        raise RegistryError(f"{path}: {where}{min(unknown)} is not a detect field; use {', '.join(known)}")
+    fallback = d.get("fallback", False)
+    if not isinstance(fallback, bool):
+        raise RegistryError(f"{path}: {where}fallback must be true or false, found {fallback!r}")
+    rule = DetectRule(model_contains=_strings(path, where, d, "model_contains"),
+                      machine=_strings(path, where, d, "machine"),
+                      min_cores=_field(path, where, d, "min_cores", int, default=0),
+                      priority=_field(path, where, d, "priority", int, default=0), fallback=fallback)
+    facts = rule.model_contains or rule.machine or rule.min_cores
+    if rule.min_cores < 0:
+        raise RegistryError(f"{path}: {where}min_cores must be >= 0, found {rule.min_cores}")
+    if fallback and facts:
+        raise RegistryError(f"{path}: a fallback detect rule matches any machine; leave out model_contains, machine "
+                            "and min_cores")
+    if not fallback and not facts:
+        raise RegistryError(f"{path}: detect must name model_contains, machine or min_cores (or be fallback = true)")
+    return rule
+
+
 def _parse(path: Path) -> DeviceProfile:
     try:
         d = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -159,7 +244,8 @@ def _parse(path: Path) -> DeviceProfile:
     if not isinstance(entries, list):
         raise RegistryError(f"{path}: latency must be an array of tables ([[latency]]), found {entries!r}")
     figures = tuple(_parse_latency(path, i, e) for i, e in enumerate(entries))
-    return replace(profile, latency=figures)
+    detect = _parse_detect(path, d["detect"]) if "detect" in d else None
+    return replace(profile, latency=figures, detect=detect)
 
 
 def list_profiles() -> list[DeviceProfile]:
@@ -177,26 +263,23 @@ def get_profile(name: str) -> DeviceProfile:
     return profiles[name]
 
 
-def detect_profile() -> DeviceProfile:
-    """The profile matching this machine: a Jetson or Raspberry Pi by its device-tree model, else x86 or generic."""
-    model = ""
-    try:
-        model = Path("/proc/device-tree/model").read_text(errors="ignore").lower()
-    except OSError:
-        pass
-    if "raspberry pi 5" in model:
-        return get_profile("raspberry-pi-5")
-    if "raspberry pi 4" in model:
-        return get_profile("raspberry-pi-4")
-    if "raspberry pi zero 2" in model:
-        return get_profile("raspberry-pi-zero-2w")
-    if "orin" in model:
-        return get_profile("jetson-orin-nano")
-    if "jetson" in model or "nvidia" in model:
-        return get_profile("jetson-nano")
-    if platform.machine() in ("x86_64", "AMD64") and (os.cpu_count() or 1) >= 4:
-        return get_profile("x86-ground-station")
-    return get_profile("generic-cpu")
+def detect_profile(facts: MachineFacts | None = None) -> DeviceProfile:
+    """The profile whose ``detect`` rule matches this machine (or ``facts``): the rules by descending priority,
+    then the fallback profile (generic-cpu)."""
+    facts = facts if facts is not None else MachineFacts.here()
+    profiles = list_profiles()
+    ruled = sorted((p for p in profiles if p.detect is not None and not p.detect.fallback),
+                   key=lambda p: (-p.detect.priority, p.id))  # type: ignore[union-attr]
+    for profile in ruled:
+        if profile.detect.matches(facts):  # type: ignore[union-attr]
+            return profile
+    fallback = [p for p in profiles if p.detect is not None and p.detect.fallback]
+    if len(fallback) != 1:
+        found = f"{len(fallback)} do ({', '.join(p.id for p in fallback)})" if fallback else "none does"
+        raise RegistryError(f"no device profile matches this machine and exactly one must be the fallback "
+                            f"(detect = {{ fallback = true }}), but {found}; pass --profile or fix "
+                            f"{registry_dir('devices')}")
+    return fallback[0]
 
 
 # ------------------------------------------------------------------------------------------------ expected latency
