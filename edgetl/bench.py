@@ -20,44 +20,78 @@ import time
 from pathlib import Path
 from typing import Any
 
-_CHILD = r"""
-import json, resource, sys, time
-import numpy as np
-from edgetl.device import DeviceRuntime
-args = json.loads(sys.argv[1])
-rt = DeviceRuntime(args["bundle"], backend=args["backend"], precision=args["precision"], threads=args["threads"],
-                   profile=args["profile"])
-pp = rt.bundle.preprocessing
-rng = np.random.default_rng(0)
-images = [rng.integers(0, 256, (pp.input_size, pp.input_size, 3), dtype=np.uint8) for _ in range(args["batch"])]
-from edgetl.preprocess import preprocess_batch
-batch = preprocess_batch(images, pp)
-one = batch[:1]
-first = rt.embed_arrays(one)
-if args["mode"] == "cold":
-    print(json.dumps({"dim": int(first.shape[1])}))
-    sys.exit(0)
-for _ in range(5):
-    rt.embed_arrays(one)
-lat = []
-for _ in range(args["runs"]):
-    t = time.perf_counter(); rt.embed_arrays(one); lat.append(time.perf_counter() - t)
-rt.embed_arrays(batch)
-reps = max(1, args["runs"] // 10)
-t = time.perf_counter()
-for _ in range(reps):
+#: the module a measurement process runs: ``python -m edgetl.bench ARGS-JSON`` (see :func:`main`)
+CHILD_MODULE = "edgetl.bench"
+
+
+def _runtime(args: dict[str, Any]) -> Any:
+    from edgetl.device import DeviceRuntime
+
+    return DeviceRuntime(args["bundle"], backend=args["backend"], precision=args["precision"], threads=args["threads"],
+                         profile=args["profile"])
+
+
+def _random_batch(rt: Any, n: int) -> Any:
+    """``n`` random uint8 images of the bundle's input size, preprocessed as the device does: ``(n, 3, S, S)``."""
+    import numpy as np
+
+    from edgetl.preprocess import preprocess_batch
+
+    pp = rt.bundle.preprocessing
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (pp.input_size, pp.input_size, 3), dtype=np.uint8) for _ in range(n)]
+    return preprocess_batch(images, pp)
+
+
+def _warm_figures(rt: Any, batch: Any, runs: int) -> dict[str, Any]:
+    """Batch-1 latency over ``runs`` calls after 5 warm-up calls, throughput at ``batch``, and this process's peak
+    RSS."""
+    import resource
+
+    import numpy as np
+
+    one = batch[:1]
+    for _ in range(5):
+        rt.embed_arrays(one)
+    lat = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        rt.embed_arrays(one)
+        lat.append(time.perf_counter() - t)
     rt.embed_arrays(batch)
-thr = reps * len(batch) / (time.perf_counter() - t)
-print(json.dumps({"latency_ms_p50": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
-                  "images_per_s": thr, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "backend": rt.backend, "precision": rt.precision, "file": rt.entry.file, "threads": rt.threads,
-                  "providers": list(getattr(rt.extractor, "providers", None) or [])}))
-"""
+    reps = max(1, runs // 10)
+    t = time.perf_counter()
+    for _ in range(reps):
+        rt.embed_arrays(batch)
+    thr = reps * len(batch) / (time.perf_counter() - t)
+    return {"latency_ms_p50": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
+            "images_per_s": thr, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "backend": rt.backend, "precision": rt.precision, "file": rt.entry.file, "threads": rt.threads,
+            "providers": list(getattr(rt.extractor, "providers", None) or [])}
+
+
+def measure(args: dict[str, Any]) -> dict[str, Any]:
+    """What one measurement process reports: ``mode`` "cold" stops at the first embedding (``{"dim": D}``), "warm"
+    goes on to :func:`_warm_figures`. ``args``: bundle, backend, precision, threads, profile, batch, runs, mode."""
+    rt = _runtime(args)
+    batch = _random_batch(rt, args["batch"])
+    first = rt.embed_arrays(batch[:1])
+    if args["mode"] == "cold":
+        return {"dim": int(first.shape[1])}
+    return _warm_figures(rt, batch, args["runs"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m edgetl.bench ARGS-JSON``: :func:`measure`, printed as one JSON line."""
+    argv = sys.argv[1:] if argv is None else argv
+    print(json.dumps(measure(json.loads(argv[0]))))
 
 
 def _child(args: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Run :func:`measure` in a new Python process; its output and its wall time from start to exit."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", CHILD_MODULE, json.dumps(args)], capture_output=True, text=True,
+                         check=False)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         from edgetl.errors import StateError
@@ -130,6 +164,10 @@ def _head_figures(rt: Any) -> dict[str, Any]:
     for _ in range(200):
         head.predict_proba(one)
     predict_ms = (time.perf_counter() - start) / 200 * 1e3
-    return {"head_fit_s": fit_s, "head_fit_n": int(len(X)), "head_predict_ms": predict_ms,
+    return {"head_fit_s": fit_s, "head_fit_n": len(X), "head_predict_ms": predict_ms,
             "head_bytes": rt.state.head_file(version).stat().st_size, "head_kind": kind,
             "head_features": int(np.asarray(getattr(head, "columns_", np.empty(X.shape[1]))).size)}
+
+
+if __name__ == "__main__":
+    main()
