@@ -496,6 +496,111 @@ def _check_images(images: Sequence[str | os.PathLike[str]] | str | os.PathLike[s
     return [Path(p) for p in images]
 
 
+def _check_request(out: Path, fmt: str, sign: str | os.PathLike[str] | None) -> None:
+    """Everything about the output that can be refused before any work: the format, the signing key, the place."""
+    if sign is not None and fmt != "onnx":
+        raise DataError("--sign signs one file; an OpenVINO IR is two (.xml, .bin): sign their folder with "
+                        "model_signing, or export --format onnx --sign")
+    if sign is not None:
+        from edgetl.openssf import is_ec_key
+
+        if not is_ec_key(sign, private=True):
+            raise DataError(f"--sign {sign} is not an ECDSA private key (OpenSSF model signing takes elliptic-curve "
+                            "keys): edgetl keys generate --out KEY --type ecdsa-p256")
+    if not out.parent.is_dir():
+        raise DataError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise DataError(f"cannot write {out}: it is a folder; name a file, e.g. --out {out / 'model.onnx'}")
+
+
+@dataclass(frozen=True)
+class _HeadVersion:
+    """The head version being exported, with what ``device predict`` applies after it."""
+
+    name: str
+    head: Any
+    labels: list[str]
+    temperature: float | None
+    novelty: Any
+
+    def reference(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the device computes from embeddings ``X``: calibrated probabilities and (with novelty) the score."""
+        from edgetl.novelty import calibrated_proba
+
+        return (calibrated_proba(self.head, X, self.temperature).astype(np.float64),
+                self.novelty.score(X).astype(np.float64) if self.novelty is not None else None)
+
+
+def _head_version(rt: Any, version: str | None, novelty: bool) -> _HeadVersion:
+    """Head ``version`` (default: the current one) of the runtime's bundle, with its temperature and, when asked
+    for, its novelty model; a clear error where there is no head or no novelty model."""
+    from edgetl.state import BUNDLE_HEAD
+
+    if rt.bundle.modality != "image":
+        raise DataError(f"bundle {rt.bundle.path} holds a {rt.bundle.modality} encoder; export-model composes image "
+                        "graphs only")
+    name = version or rt.current_version()
+    if name is None:
+        raise StateError(f"bundle {rt.bundle.path} has no head yet; train one: edgetl device train "
+                         f"{rt.bundle.path} --data DIR")
+    head, labels = rt._load_version(name)  # checks that the head belongs to this extractor
+    meta = rt.state.meta(name) if name != BUNDLE_HEAD else {}
+    nov = rt.novelty_model(name) if novelty else None
+    if novelty and nov is None:
+        raise StateError(f"head {name} has no novelty model (the bundle's initial head and heads adopted without "
+                         "training data have none); export without --novelty or train a head on this device")
+    return _HeadVersion(name, head, labels, meta.get("temperature"), nov)
+
+
+def _check_batches(rt: Any, hv: _HeadVersion, images: Any,
+                   with_preprocessing: bool) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], int]:
+    """(graph input, device probabilities, device novelty) batches to check the graph on: the bundle's golden inputs
+    (float graphs only: they are normalised) and the held-out ``images``; and how many golden inputs there are."""
+    from edgetl.data import load_image
+    from edgetl.preprocess import crop_image, preprocess_batch
+
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    n_golden = 0
+    golden = rt.bundle.golden(rt.entry)
+    if golden is not None and not with_preprocessing:
+        inputs = np.ascontiguousarray(golden[0], dtype=np.float32)
+        batches.append((inputs, *hv.reference(rt.embed_arrays(inputs))))
+        n_golden = len(inputs)
+    pp = rt.bundle.preprocessing
+    paths = _check_images(images)
+    for i in range(0, len(paths), rt.batch_size):
+        pictures = [load_image(p) for p in paths[i:i + rt.batch_size]]
+        X = rt.embed_arrays(preprocess_batch(pictures, pp))  # what device predict computes for these files
+        graph_in = np.stack([crop_image(p, pp) for p in pictures]) if with_preprocessing else \
+            preprocess_batch(pictures, pp)
+        batches.append((graph_in, *hv.reference(X)))
+    return batches, n_golden
+
+
+def _checked(candidate: _Candidate, rt: Any, hv: _HeadVersion, fmt: str, images: Any,
+             with_preprocessing: bool) -> ExportCheck:
+    """:func:`_check` of ``candidate`` against the device, at the limits of its format and the extractor's
+    precision."""
+    batches, n_golden = _check_batches(rt, hv, images, with_preprocessing)
+    limits = PROBABILITY_LIMIT if fmt == "onnx" else OTHER_RUNTIME_LIMIT
+    limit = limits.get(rt.precision, 1e-4)
+    return _check(candidate, batches, limit, n_golden, hv.novelty,
+                  NOVELTY_LIMIT if limit <= PROBABILITY_LIMIT["fp32"] else OTHER_RUNTIME_NOVELTY_LIMIT)
+
+
+def _write(candidate: _Candidate, out: Path, sign: str | os.PathLike[str] | None) -> tuple[list[Path], Path | None]:
+    """Write the checked graph; with ``sign``, its OpenSSF signature too. Returns the files and the signature."""
+    try:
+        files = candidate.write(out)
+    except OSError as exc:
+        raise DataError(f"cannot write {out} ({exc.strerror or exc}); choose a writable --out") from exc
+    if sign is None:
+        return files, None
+    from edgetl.openssf import sign_path
+
+    return files, sign_path(out, sign)
+
+
 # ------------------------------------------------------------------------------------------------------ the entry
 def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "onnx",
                  version: str | None = None, with_preprocessing: bool = False, novelty: bool = False,
@@ -519,85 +624,25 @@ def export_model(bundle: str | os.PathLike[str], out: str | os.PathLike[str], fm
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     onnx = _onnx()
-    from edgetl.data import load_image
     from edgetl.device import DeviceRuntime
-    from edgetl.novelty import calibrated_proba
-    from edgetl.preprocess import crop_image, preprocess_batch
-    from edgetl.state import BUNDLE_HEAD
 
     out = Path(out)
-    if sign is not None and fmt != "onnx":
-        raise DataError("--sign signs one file; an OpenVINO IR is two (.xml, .bin): sign their folder with "
-                        "model_signing, or export --format onnx --sign")
-    if sign is not None:
-        from edgetl.openssf import is_ec_key
-
-        if not is_ec_key(sign, private=True):
-            raise DataError(f"--sign {sign} is not an ECDSA private key (OpenSSF model signing takes elliptic-curve "
-                            "keys): edgetl keys generate --out KEY --type ecdsa-p256")
-    if not out.parent.is_dir():
-        raise DataError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise DataError(f"cannot write {out}: it is a folder; name a file, e.g. --out {out / 'model.onnx'}")
+    _check_request(out, fmt, sign)
     rt = DeviceRuntime(bundle, backend="onnx", precision=precision or _head_precision(bundle, version),
                        threads=threads, trust=trust, profile=profile)
-    if rt.bundle.modality != "image":
-        raise DataError(f"bundle {rt.bundle.path} holds a {rt.bundle.modality} encoder; export-model composes image "
-                        "graphs only")
-    name = version or rt.current_version()
-    if name is None:
-        raise StateError(f"bundle {rt.bundle.path} has no head yet; train one: edgetl device train "
-                         f"{rt.bundle.path} --data DIR")
-    head, labels = rt._load_version(name)  # checks that the head belongs to this extractor
-    meta = rt.state.meta(name) if name != BUNDLE_HEAD else {}
-    temperature = meta.get("temperature")
-    nov = rt.novelty_model(name) if novelty else None
-    if novelty and nov is None:
-        raise StateError(f"head {name} has no novelty model (the bundle's initial head and heads adopted without "
-                         "training data have none); export without --novelty or train a head on this device")
+    hv = _head_version(rt, version, novelty)
     pp = rt.bundle.preprocessing
-    extractor = onnx.load(str(rt.bundle.file(rt.entry.file)))
-    model = compose(extractor, head, pp, temperature, nov, with_preprocessing)
+    model = compose(onnx.load(str(rt.bundle.file(rt.entry.file))), hv.head, pp, hv.temperature, hv.novelty,
+                    with_preprocessing)
     in_name = model.graph.input[0].name
-    metadata = model_metadata(rt.bundle, rt.entry, head, labels, name, temperature, nov, with_preprocessing,
-                              in_name)
+    metadata = model_metadata(rt.bundle, rt.entry, hv.head, hv.labels, hv.name, hv.temperature, hv.novelty,
+                              with_preprocessing, in_name)
     candidate = FORMATS[fmt][0](model, metadata, rt.threads)
-
-    def reference(X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return (calibrated_proba(head, X, temperature).astype(np.float64),
-                nov.score(X).astype(np.float64) if nov is not None else None)
-
-    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-    n_golden = 0
-    golden = rt.bundle.golden(rt.entry)
-    if golden is not None and not with_preprocessing:  # golden inputs are normalised floats: the float graph only
-        inputs = np.ascontiguousarray(golden[0], dtype=np.float32)
-        batches.append((inputs, *reference(rt.embed_arrays(inputs))))
-        n_golden = len(inputs)
-    paths = _check_images(images)
-    for i in range(0, len(paths), rt.batch_size):
-        chunk = paths[i:i + rt.batch_size]
-        pictures = [load_image(p) for p in chunk]
-        X = rt.embed_arrays(preprocess_batch(pictures, pp))  # what device predict computes for these files
-        graph_in = np.stack([crop_image(p, pp) for p in pictures]) if with_preprocessing else \
-            preprocess_batch(pictures, pp)
-        batches.append((graph_in, *reference(X)))
-    limits = PROBABILITY_LIMIT if fmt == "onnx" else OTHER_RUNTIME_LIMIT
-    limit = limits.get(rt.precision, 1e-4)
-    check = _check(candidate, batches, limit, n_golden, nov,
-                   NOVELTY_LIMIT if limit <= PROBABILITY_LIMIT["fp32"] else OTHER_RUNTIME_NOVELTY_LIMIT)
-    try:
-        files = candidate.write(out)
-    except OSError as exc:
-        raise DataError(f"cannot write {out} ({exc.strerror or exc}); choose a writable --out") from exc
-    signature = None
-    if sign is not None:
-        from edgetl.openssf import sign_path
-
-        signature = sign_path(out, sign)
+    check = _checked(candidate, rt, hv, fmt, images, with_preprocessing)
+    files, signature = _write(candidate, out, sign)
     shape = ["batch", pp.input_size, pp.input_size, 3] if with_preprocessing else ["batch", 3, pp.input_size,
                                                                                      pp.input_size]
-    return ExportedModel(out, files, fmt, name, metadata["head_kind"], rt.entry.file, rt.precision,
+    return ExportedModel(out, files, fmt, hv.name, metadata["head_kind"], rt.entry.file, rt.precision,
                          {in_name: shape}, json.loads(metadata["outputs"]), metadata, check,
                          time.perf_counter() - start, signature)
 
