@@ -16,7 +16,6 @@ import click
 
 from edgetl import __version__
 
-
 #: characters shown escaped in messages: controls (newline, carriage return, escape …), line and paragraph
 #: separators, lone surrogates (undecodable bytes of a file name) and the bidirectional overrides that reorder text
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})

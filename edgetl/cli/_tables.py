@@ -9,8 +9,8 @@ def extractor_table(entries: list[dict[str, Any]]) -> str:
     """The per-graph gate report as a text table (export and `device info`): fidelity to PyTorch FP32 (max |d|, min
     and mean cosine, reference-head agreement) and the retrained-head accuracy; a failed graph names each number
     against its limit."""
-    lines = [f"{'graph':<24} {'size MB':>8} {'max|d|':>9} {'cos min':>8} {'cos mean':>8} {'agree':>6} {'acc':>6} "
-             f"{'fp32 acc':>8} {'drop':>6}  status"]
+    lines = [(f"{'graph':<24} {'size MB':>8} {'max|d|':>9} {'cos min':>8} {'cos mean':>8} {'agree':>6} {'acc':>6} "
+              f"{'fp32 acc':>8} {'drop':>6}  status")]
     for e in entries:
         r = e.get("report", {})
         status = "ok" if r.get("passed", True) else f"FAILED: {r.get('reason', '')}"

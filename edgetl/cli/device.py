@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from edgetl.cli import one_line
+from edgetl.cli._choices import TableChoice, backends, precisions, trainable_heads
 from edgetl.cli._progress import progress_bars
 
 _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
@@ -28,9 +29,9 @@ def _trust_option(value: Path | None) -> Path | None:
 
 
 def _runtime_options(f: Any) -> Any:
-    f = click.option("--backend", type=click.Choice(["onnx", "openvino", "tflite"]), default=None,
+    f = click.option("--backend", type=TableChoice(backends), default=None,
                      help="Inference runtime (default: the profile's preference among those installed).")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+    f = click.option("--precision", type=TableChoice(precisions), default=None,
                      help="Extractor precision (default: the profile's).")(f)
     f = click.option("--profile", default=None, help="Device profile (default: detected).")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, callback=_cap_threads,
@@ -61,7 +62,7 @@ def device() -> None:
 @device.command()
 @_bundle_arg
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="ImageFolder of local data.")
-@click.option("--head", type=click.Choice(["softmax", "ncm", "knn", "imprint"]), default="softmax",
+@click.option("--head", type=TableChoice(trainable_heads), default="softmax",
               show_default=True, help="softmax: L-BFGS logistic regression; ncm: nearest class mean; knn: cosine "
                                       "k-NN; imprint: cosine classifier from class means.")
 @click.option("--val-split", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
@@ -381,7 +382,7 @@ def drift(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any)
                f"training images; {result['unknown_fraction']:.0%} of {result['n']} images unknown)")
 
 
-from edgetl.cli.serve import serve as _serve  # noqa: E402 - `edgetl device serve`, the operator's console
+from edgetl.cli.serve import serve as _serve  # `edgetl device serve`, the operator's console
 
 device.add_command(_serve)
 

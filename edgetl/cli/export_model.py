@@ -7,12 +7,14 @@ from pathlib import Path
 
 import click
 
+from edgetl.cli._choices import TableChoice, export_model_formats, precisions
+
 
 @click.command("export-model")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output file: NAME.onnx, or NAME.xml for OpenVINO (NAME.bin is written beside it).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=TableChoice(export_model_formats), default="onnx", show_default=True,
               help="onnx: one self-contained .onnx file; openvino: an FP32 IR converted from it. (TFLite is not "
                    "offered: it cannot be made without TensorFlow or torch.)")
 @click.option("--version", "version", default=None, help="Head version to export (default: the current one).")
@@ -22,7 +24,7 @@ import click
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Held-out images to check the graph on (default: 40 embedded demo images) besides the golden "
                    "inputs.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--precision", type=TableChoice(precisions), default=None,
               help="Which ONNX extractor (default: the one the head was trained on).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads for the check.")
 @click.option("--trust", type=click.Path(path_type=Path), default=None, envvar="EDGETL_TRUST",

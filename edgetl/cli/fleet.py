@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import click
 from click import UsageError
 
+from edgetl.cli._choices import TableChoice, fleet_drills, fleet_heads, fleet_strategies
+
 _bundle_arg = click.argument("bundle", type=click.Path(path_type=Path))
 
 
 def _head_options(f):  # type: ignore[no-untyped-def]
-    f = click.option("--head", type=click.Choice(["ncm", "softmax"]), default="ncm", show_default=True,
+    f = click.option("--head", type=TableChoice(fleet_heads), default="ncm", show_default=True,
                      help="ncm: exact aggregation of per-class sums and counts; softmax: FedAvgM of L-BFGS steps.")(f)
-    f = click.option("--strategy", type=click.Choice(["fedavg", "lbfgs"]), default="fedavg", show_default=True,
+    f = click.option("--strategy", type=TableChoice(fleet_strategies), default="fedavg", show_default=True,
                      help="softmax: fedavg = Flower's FedAvgM over local L-BFGS steps; lbfgs = federated full-batch "
                           "L-BFGS (devices send loss and gradient each round; the head equals central training).")(f)
     f = click.option("--rounds", type=click.IntRange(min=1), default=60, show_default=True,
@@ -96,34 +96,6 @@ def simulate(bundles: tuple[Path, ...], out: Path, server_bundle: Path | None, h
     click.echo(json.dumps(result, indent=2) if as_json else _summary(result))
 
 
-_APP_TOML = """\
-# A Flower app (flwr run) for an edgetl fleet; written by `edgetl fleet server`.
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "edgetl-fleet"
-version = "1.0.0"
-description = "edgetl head-only federated learning"
-license = "Apache-2.0"
-dependencies = ["edgetl[fleet]"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "edgetl"
-
-[tool.flwr.app.components]
-serverapp = "edgetl.fleet.app:server_app"
-clientapp = "edgetl.fleet.app:client_app"
-
-[tool.flwr.app.config]
-{config}
-"""
-
-
 @fleet.command()
 @click.option("--bundle", required=True, type=click.Path(path_type=Path),
               help="The fleet's bundle (its extractor sha256 decides who may join).")
@@ -142,21 +114,12 @@ def server(bundle: Path, out: Path, app_dir: Path, head: str, strategy: str, rou
            local_iter: int, min_clients: int, adopt: bool, force: bool, timeout: float, sign_key: Path | None) -> None:
     """Write the Flower app for a fleet run, then print the commands that start it (Flower's deployment engine:
     flower-superlink here, `edgetl fleet client` on each device, `flwr run APP-DIR` to submit)."""
-    from edgetl.device import DeviceRuntime
-    from edgetl.fleet.app import FleetConfig
+    from edgetl.fleet_ops import write_server_app
 
-    if sign_key is not None:
-        from edgetl.fleet.trust import sign_head
-
-        sign_head(b"", [], "", sign_key)  # a bad key fails now, not at the end of the run
-    cfg = FleetConfig(extractor_sha256=DeviceRuntime(bundle).extractor_sha256, out=str(out.resolve()), head=head,
-                      strategy=strategy,
-                      rounds=rounds, local_iter=local_iter, momentum=momentum, min_clients=min_clients, adopt=adopt,
-                      force=force, timeout=timeout, sign_key=str(sign_key.resolve()) if sign_key else "")
-    lines = [f"{k.replace('_', '-')} = {json.dumps(v)}" for k, v in asdict(cfg).items()]
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(_APP_TOML.format(config="\n".join(lines)), encoding="utf-8")
-    click.echo(f"wrote {app_dir / 'pyproject.toml'} (extractor {cfg.extractor_sha256[:12]}…, {head} head)")
+    path, cfg = write_server_app(bundle, out, app_dir, sign_key=sign_key, head=head, strategy=strategy, rounds=rounds,
+                                 local_iter=local_iter, momentum=momentum, min_clients=min_clients, adopt=adopt,
+                                 force=force, timeout=timeout)
+    click.echo(f"wrote {path} (extractor {cfg.extractor_sha256[:12]}…, {head} head)")
     click.echo("certificates and device keys: edgetl fleet certs CERTS --host THIS-HOST --node DEVICE ...")
     click.echo("start the SuperLink:  flower-superlink --ssl-ca-certfile CERTS/ca.crt --ssl-certfile CERTS/server.crt "
                "--ssl-keyfile CERTS/server.key --enable-supernode-auth --disable-runtime-dependency-installation "
@@ -181,7 +144,7 @@ def server(bundle: Path, out: Path, app_dir: Path, head: str, strategy: str, rou
               help="The operator's public key (KEY.pub): adopt only fleet heads it signed [env EDGETL_TRUST].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Local port of the SuperNode's runtime API (default 9094; one per SuperNode on a machine).")
-@click.option("--drill", type=click.Choice(["crash", "nan", "shape", "slow"]), default=None,
+@click.option("--drill", type=TableChoice(fleet_drills), default=None,
               help="Rehearse a fault on a staging fleet: at its first training reply the device crashes, stalls, or "
                    "sends NaNs or a misshapen update.")
 @click.option("--dry-run", is_flag=True, help="Check the bundle and print the SuperNode command without running it.")
@@ -189,28 +152,16 @@ def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path
            trust: Path | None, port: int | None, drill: str | None, dry_run: bool) -> None:
     """Start a Flower SuperNode for the device BUNDLE (its head's training embeddings stay on the device)."""
     from edgetl.device import DeviceRuntime
-    from edgetl.errors import RuntimeMissingError
     from edgetl.fleet.app import local_data
+    from edgetl.fleet_ops import supernode_command, supernode_executable
 
     runtime = DeviceRuntime(bundle)
     data = local_data(runtime)  # fails clearly when no head was trained here
-    exe = shutil.which("flower-supernode") or str(Path(sys.executable).parent / "flower-supernode")
-    if not Path(exe).exists():
-        raise RuntimeMissingError("flower-supernode is not installed; install it with: pip install 'edgetl[fleet]'")
+    exe = supernode_executable()
     if insecure and (root_certificates or auth_key):
         raise UsageError("--insecure turns TLS off; drop it to use --root-certificates or --auth-key")
-    node_config = f"bundle={json.dumps(str(bundle.resolve()))}"
-    if trust is not None:
-        from edgetl.signing import load_public_key
-
-        load_public_key(trust)  # a bad key fails now, not at the end of the run
-        node_config += f" trust={json.dumps(str(trust.resolve()))}"
-    node_config += f" drill={json.dumps(drill)}" if drill else ""
-    cmd = [exe, "--superlink", superlink, "--node-config", node_config]
-    cmd += ["--insecure"] if insecure else []
-    cmd += ["--root-certificates", str(root_certificates.resolve())] if root_certificates else []
-    cmd += ["--auth-supernode-private-key", str(auth_key.resolve())] if auth_key else []
-    cmd += ["--port", str(port)] if port else []
+    cmd = supernode_command(exe, bundle, superlink, insecure=insecure, root_certificates=root_certificates,
+                            auth_key=auth_key, trust=trust, port=port, drill=drill)
     click.echo(f"device {bundle}: extractor {runtime.extractor_sha256[:12]}…, {len(data.y)} training embeddings, "
                f"classes {', '.join(data.classes)}")
     click.echo(" ".join(cmd), err=not dry_run)
@@ -233,29 +184,9 @@ def client(bundle: Path, superlink: str, insecure: bool, root_certificates: Path
 def adopt(bundle: Path, head_dir: Path, tolerance: float, force: bool, wait: float, trust: Path | None) -> None:
     """Adopt a fleet head on the device BUNDLE through its promote gate (with --trust: only a head signed by the
     operator's key; the audit log names the signer)."""
-    from edgetl.device import DeviceRuntime
-    from edgetl.errors import DataError
-    from edgetl.fleet.app import read_result, verify_fleet_head
-    from edgetl.fleet.trust import SIGNATURE_FILE
-    from edgetl.registry import sha256_file
-    from edgetl.signing import MAX_SIGNATURE_BYTES, read_small_file
+    from edgetl.fleet_ops import adopt_fleet_head
 
-    meta = read_result(head_dir)
-    if sha256_file(head_dir / "head.npz") != meta.get("head_sha256"):
-        raise DataError(f"{head_dir / 'head.npz'} does not match the sha256 in fleet.json (damaged or replaced); "
-                        "fetch the fleet head again")
-    try:
-        labels = json.loads((head_dir / "labels.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{head_dir / 'labels.json'} is missing or unreadable ({exc})") from exc
-    sig_path = head_dir / SIGNATURE_FILE
-    signature = read_small_file(sig_path, MAX_SIGNATURE_BYTES, "head signature") if sig_path.is_file() else b""
-    runtime = DeviceRuntime(bundle)
-    signed = verify_fleet_head((head_dir / "head.npz").read_bytes(), labels, str(meta["extractor_sha256"]), signature,
-                               trust, str(head_dir))
-    report = runtime.adopt_head(head_dir / "head.npz", labels, source=f"fleet {head_dir}; {signed}",
-                                extractor_sha256=meta["extractor_sha256"], tolerance=tolerance, force=force,
-                                wait=wait)
+    report, signed = adopt_fleet_head(bundle, head_dir, tolerance=tolerance, force=force, wait=wait, trust=trust)
     state = "promoted" if report.promoted else "kept as candidate"
     acc = f", accuracy on local data {report.val_accuracy:.3f}" if report.val_accuracy is not None else ""
     click.echo(f"{report.version} {state}: {report.reason}{acc} ({signed})")

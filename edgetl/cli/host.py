@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from edgetl.cli._choices import NO_QUANTIZATION, TableChoice, backends, quantizations
 from edgetl.cli._progress import progress_bars
+
+
+def _precisions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--quantize none`` is FP32."""
+    return tuple("fp32" if p == NO_QUANTIZATION else p for p in value)
 
 
 @click.command()
@@ -53,9 +58,9 @@ def finetune(model: str, data_dir: Path, out: Path, epochs: int, freeze: str, lr
 @click.option("--model", default=None, help="Registry backbone id (pretrained extractor).")
 @click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path), help="Fine-tune run folder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "openvino", "tflite"]),
+@click.option("--format", "formats", multiple=True, type=TableChoice(backends),
               help="Graph format; repeat for several (default: onnx, or the --profile's backends).")
-@click.option("--quantize", "precisions", multiple=True, type=click.Choice(["none", "fp16", "int8"]),
+@click.option("--quantize", "precisions", multiple=True, type=TableChoice(quantizations), callback=_precisions,
               help="Precision; repeat for several (default: none = FP32, or the --profile's precision).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Labelled ImageFolder of real images (for a text encoder: a folder of .txt files per class or a "
@@ -89,43 +94,16 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
     """Export the frozen feature extractor (ONNX FP32 reference + every format/precision asked for), gate each graph
     on accuracy against PyTorch, and pack a bundle."""
     from edgetl.cli._tables import extractor_table
-    from edgetl.demo import demo_split
-    from edgetl.host.export import export as run_export
+    from edgetl.export_job import export_bundle
 
-    if profile:
-        from edgetl.profiles import get_profile
-
-        prof = get_profile(profile)
-        formats = formats or prof.backends
-        precisions = precisions or (prof.precision,)
-    precisions = tuple("fp32" if p == "none" else p for p in precisions) or ("fp32",)
-    if calib is None and run_dir is not None and (run_dir / "run.json").is_file():
-        calib = Path(json.loads((run_dir / "run.json").read_text())["data"])
-    if calib is None or not calib.exists():  # a folder, or a text,label CSV for a text encoder
-        calib = demo_split("train")
-    from edgetl.host.export import QuantizationAccuracyError
-
-    refused: QuantizationAccuracyError | None = None
     with progress_bars(not quiet) as progress:
-        try:
-            bundle = run_export(out, calib, model=model, run=run_dir, formats=formats or ("onnx",),
-                                precisions=precisions, calib_size=calib_size, max_drop=max_drop, min_cosine=min_cosine,
-                                min_agreement=min_agreement, keep_failed=keep_failed, image_size=image_size,
-                                opset=opset, force=force, features=features, progress=progress)
-        except QuantizationAccuracyError as exc:  # the bundle holds the graphs that passed: finish it, then exit 1
-            if exc.bundle is None:
-                raise
-            bundle, refused = exc.bundle, exc
+        result = export_bundle(out, model=model, run=run_dir, formats=formats, precisions=precisions, calib=calib,
+                               profile=profile, sign_key=sign_key, calib_size=calib_size, max_drop=max_drop,
+                               min_cosine=min_cosine, min_agreement=min_agreement, keep_failed=keep_failed,
+                               image_size=image_size, opset=opset, force=force, features=features, progress=progress)
+    click.echo(f"exported {result.bundle} ({result.backbone}, {result.input_size})")
+    click.echo(extractor_table(result.extractors))
     if sign_key is not None:
-        from edgetl.signing import sign_bundle
-
-        sign_bundle(bundle, sign_key)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    pp = manifest["preprocessing"]
-    size = f"{pp['input_size']} px" if "input_size" in pp else f"{pp['max_length']} tokens"
-    click.echo(f"exported {bundle} ({manifest['backbone']['id']}, {size})")
-    click.echo(extractor_table(manifest["extractors"]))
-    if sign_key is not None:
-        click.echo(f"signed with {sign_key} ({bundle / 'manifest.sig'})")
-    if refused is not None:
-        raise refused
+        click.echo(f"signed with {sign_key} ({result.bundle / 'manifest.sig'})")
+    if result.refused is not None:
+        raise result.refused

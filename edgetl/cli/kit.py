@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from edgetl.cli._choices import TableChoice, runtime_extras
+
 
 @click.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--profile", required=True, help="Device profile the kit is for (edgetl models/devices: devices/*.toml).")
-@click.option("--extra", type=click.Choice(["onnx", "openvino", "tflite"]), default=None,
+@click.option("--extra", type=TableChoice(runtime_extras), default=None,
               help="Runtime extra [default: the profile's first backend the bundle has an extractor for].")
 @click.option("--python", "python", default=None,
               help="Python version on the device, e.g. 3.11 [default: the one the profile names, else this one].")
