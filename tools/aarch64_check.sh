@@ -20,6 +20,8 @@
 # exported bundle instead of exporting), EDGETL_AARCH64_KIT=0 (skip the field-kit install), EDGETL_AARCH64_TRAIN
 # (images per class for train, default 5), EDGETL_AARCH64_TEST (per class for evaluate and fidelity, default 2),
 # EDGETL_AARCH64_MIRROR (Debian mirror; default: the first URIs of /etc/apt/sources.list.d/debian.sources),
+# EDGETL_AARCH64_ONLY=fidelity (only the install and the INT8-vs-FP32 fidelity of EDGETL_AARCH64_BUNDLE, under
+# EDGETL_AARCH64_CPU only: how a bundle exported for real, e.g. at 224 px by tools/measure_int8.py, behaves on aarch64),
 # EDGETL_AARCH64_CPU (qemu's CPU model, default cortex-a76: a Raspberry Pi 5's core, no SVE/SME/i8mm; qemu's default
 # "max" has them, and numpy's OpenBLAS then picks its armv9sme kernel; the fidelity table is measured under both).
 # /sys is never mounted in the root: onnxruntime's cpuinfo segfaults under qemu when it can read it.
@@ -34,6 +36,7 @@ KIT_ON=${EDGETL_AARCH64_KIT:-1}
 NTRAIN=${EDGETL_AARCH64_TRAIN:-5}
 NTEST=${EDGETL_AARCH64_TEST:-2}
 CPU=${EDGETL_AARCH64_CPU:-cortex-a76}
+ONLY=${EDGETL_AARCH64_ONLY:-all}
 PROFILE=raspberry-pi-5
 THREADS=2
 INCLUDE=python3,python3-venv,python3-pip,ca-certificates,libgomp1
@@ -56,6 +59,11 @@ die() { say "error: $*"; exit 2; }
 [ "$(uname -m)" = x86_64 ] || say "warning: this host is $(uname -m), not x86_64; the x86 column measures this host"
 [ -x "$PY" ] || die "$PY missing: run bash tools/setup.sh first (the host venv exports the bundle)"
 case "$ROOT" in "$REPO"|"$REPO"/*) die "EDGETL_AARCH64_ROOT must be outside the repository";; esac
+case "$ONLY" in
+  all) ;;
+  fidelity) [ -n "${EDGETL_AARCH64_BUNDLE:-}" ] || die "EDGETL_AARCH64_ONLY=fidelity needs EDGETL_AARCH64_BUNDLE"; KIT_ON=0;;
+  *) die "EDGETL_AARCH64_ONLY must be all or fidelity, not '$ONLY'";;
+esac
 
 # ------------------------------------------------------------------------------------------------------- step runner
 # step NAME WHERE CMD: run CMD (a bash command line) on the host (WHERE=host) or inside the root (WHERE=arm); log it in
@@ -246,6 +254,8 @@ for e in m["extractors"]:
           f"{'passed' if r.get('passed') else 'FAILED: ' + r.get('reason', '')} |")
 EOF
 )
+read -r MODEL SIZE < <("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1]))
+print(m["backbone"]["id"], m["preprocessing"]["input_size"])' "$WORK/B/manifest.json")
 cp -r "$WORK/B" "$ROOT$GUEST/work/B"
 
 # ------------------------------------------------------------------------------------------ 2. install from PyPI
@@ -256,8 +266,9 @@ step "aarch64: install edgetl[onnx,tflite] from the registry with the lock" arm 
 && du -sh $GUEST/venv"
 
 # ------------------------------------------------------------------------------------------------ 3. device checks
-step "aarch64: device doctor" arm "edgetl device doctor B"
+[ "$ONLY" = all ] && step "aarch64: device doctor" arm "edgetl device doctor B"
 for backend in onnx tflite; do
+  [ "$ONLY" = all ] || break
   for precision in fp32 int8; do
     tag=$backend-$precision
     opts="--backend $backend --precision $precision --profile $PROFILE --threads $THREADS"
@@ -282,7 +293,7 @@ done
 
 # ----------------------------------------------------------------------------------------- 4. INT8 fidelity, 2 archs
 FIDELITY_CPUS=$CPU
-[ "$CPU" = max ] || FIDELITY_CPUS="$CPU max"
+[ "$CPU" = max ] || [ "$ONLY" = fidelity ] || FIDELITY_CPUS="$CPU max"
 for cpu in $FIDELITY_CPUS; do
   QEMU_CPU=$cpu step "aarch64 (qemu -cpu $cpu): INT8 vs FP32 fidelity" arm \
     "cp -r B B-fid-$cpu && python fidelity.py B-fid-$cpu data/test fidelity-aarch64-$cpu.json"
@@ -392,7 +403,7 @@ and the host's editable install both used them.)";; esac
   echo "## The bundle's accuracy gate (host, x86_64, held-out demo images)"
   echo
   echo "\`export\` ran with \`--keep-failed\`: a graph that fails the gate stays in the bundle marked failed and the device"
-  echo "uses it only when named (\`--precision int8\`), as here. The gate's verdict at 96 px on the 300-image demo set:"
+  echo "uses it only when named (\`--precision int8\`), as here. The gate's verdict at $SIZE px ($MODEL), host:"
   echo
   echo "| graph | mean cosine to PyTorch | min cosine | reference-head agreement | accuracy drop, points | gate |"
   echo "|---|---|---|---|---|---|"
