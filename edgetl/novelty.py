@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from edgetl.heads.base import softmax
+from edgetl.heads.base import l2_normalise, softmax
 
 QUANTILE = 0.95
 #: shrinkage of the shared covariance towards ``mean variance × I``
@@ -45,11 +45,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         if nll < best_nll:
             best, best_nll = float(t), nll
     return best
-
-
-def _normalise(X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 def _top_eigen(R: np.ndarray, rank: int, seed: int = 0, power: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +80,7 @@ class Novelty:
     # ------------------------------------------------------------------------------------------------------ fitting
     @classmethod
     def _fit_model(cls, X: np.ndarray, y: np.ndarray, shrink: float = SHRINK, rank: int = RANK) -> Novelty:
-        Z = _normalise(X)
+        Z = l2_normalise(X, np.float32)
         y = np.asarray(y, dtype=np.int64)
         present = np.unique(y)
         means = np.stack([Z[y == c].mean(axis=0) for c in present]).astype(np.float32)
@@ -136,9 +131,9 @@ class Novelty:
         nearest class mean divided by the dimension, about 1 for a typical image of a known class)."""
         a = self.arrays
         if self.kind == "cosine":
-            centred = _normalise(np.asarray(X, dtype=np.float32) - a["centre"])
+            centred = l2_normalise(np.asarray(X, dtype=np.float32) - a["centre"], np.float32)
             return (1.0 - (centred @ a["prototypes"].T).max(axis=1)).astype(np.float32)
-        Z = _normalise(X)
+        Z = l2_normalise(X, np.float32)
         means, V, inv_var, inv_rest = a["means"], a["basis"], a["inv_var"], float(a["inv_rest"])
         PZ, PM = Z @ V, means @ V  # (N, r), (C, r)
         # squared distance to each mean, split into the kept directions and the rest of the space

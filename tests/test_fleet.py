@@ -25,6 +25,7 @@ from edgetl.errors import BundleError, DataError
 from edgetl.fleet import core
 from edgetl.fleet.app import FleetConfig
 from edgetl.heads import NCMHead, SoftmaxHead, load_head
+from edgetl.heads.prototype import ScaleSearch
 
 #: four devices, each knowing six of the ten classes (different sixes), each holding its own half of the images
 SPLITS = [CLASSES[0:6], CLASSES[3:9], CLASSES[0:3] + CLASSES[7:10], CLASSES[4:10]]
@@ -148,13 +149,13 @@ def test_exact_ncm_aggregation_and_balanced_weights_match_the_heads() -> None:
     y = np.repeat(np.arange(3), 100)
     names = ["a", "b", "c"]
     parts = [core.LocalData(X[:120], y[:120], names), core.LocalData(X[120:], y[120:] - 1, ["b", "c"])]
-    stats = core.merge_stats([(p.classes, core.local_stats(p)) for p in parts])
+    stats = core.merge_stats([core.local_stats(p) for p in parts])
     assert stats.classes == names and stats.counts.tolist() == [100, 100, 100]
     central = NCMHead().fit(X, y)
     sums = sum(core.local_ncm_sums(p, names, stats.mean)[0] for p in parts)
     np.testing.assert_allclose(sums, central.sums_, rtol=1e-5, atol=1e-5)
-    head = core.ncm_head(stats.mean, sums, central.counts_, 1.0)
-    search = core.ScaleSearch()
+    head = NCMHead.from_sums(stats.mean, sums, central.counts_, 1.0)
+    search = ScaleSearch()
     while not search.done:
         search.update(sum(core.local_scale_moments(p, names, head, search.scale) for p in parts))
     assert search.scale == pytest.approx(float(central.scale_), rel=1e-4)
@@ -162,7 +163,7 @@ def test_exact_ncm_aggregation_and_balanced_weights_match_the_heads() -> None:
     w = core.class_weights(np.array([10, 30, 0]))
     assert w[2] == 0 and (w[:2] * [10, 30]).sum() == pytest.approx(1.0)
     with pytest.raises(DataError):
-        core.merge_stats([(["a"], core.local_stats(core.LocalData(X[:5], np.zeros(5, np.int64), ["a"])))])
+        core.merge_stats([core.local_stats(core.LocalData(X[:5], np.zeros(5, np.int64), ["a"]))])
 
 
 @pytest.fixture()

@@ -24,15 +24,13 @@ from edgetl.errors import BundleError, DataError
 from edgetl.fleet.certs import make_certs
 from edgetl.fleet.trust import sign_head, statement, verify_head
 from edgetl.heads import NCMHead, load_head
+from edgetl.heads.base import l2_normalise
+from edgetl.heads.prototype import ScaleSearch, scale_moments
 from edgetl.signing import generate_keys
 
 #: three devices that together know all ten classes (each knows six), and a fourth, holding the first device's
 #: classes, that crashes at its first training reply
 SPLITS = [CLASSES[0:6], CLASSES[3:9], CLASSES[0:3] + CLASSES[7:10], CLASSES[0:6]]
-
-
-def _normalise(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 @pytest.mark.slow  # ~5 min on 2 busy cores: 6 processes, 7 Flower rounds, one 60 s round timeout (the crash)
@@ -83,7 +81,7 @@ def test_deploy_loopback_tls_node_auth_signed_heads_and_a_crash(_pretrained_bund
     centre = X_all.mean(axis=0).astype(np.float32)
     X = np.concatenate([d.X for d in data[:3]])
     y = np.concatenate([d.to_union(union) for d in data[:3]])
-    Z = _normalise(X - centre)
+    Z = l2_normalise(X - centre)
     sums = np.zeros((len(union), X.shape[1]))
     np.add.at(sums, y, Z.astype(np.float64))
     fed = load_head(out / "head.npz")
@@ -91,9 +89,11 @@ def test_deploy_loopback_tls_node_auth_signed_heads_and_a_crash(_pretrained_bund
     np.testing.assert_array_equal(fed.counts_, np.bincount(y, minlength=len(union)))
     np.testing.assert_allclose(fed.centre_, centre, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fed.sums_, sums, rtol=1e-4, atol=1e-4)
-    central = NCMHead()
-    central.centre_, central.sums_, central.counts_ = fed.centre_, sums, fed.counts_
-    central.scale_ = np.float32(central._fit_scale(Z, y))
+    cos = (Z @ NCMHead.from_sums(fed.centre_, sums, fed.counts_, 1.0).prototypes().T).astype(np.float64)
+    search = ScaleSearch()  # the scale fit of NCMHead, on the three devices' data
+    while not search.done:
+        search.update(scale_moments(cos, y, search.scale))
+    central = NCMHead.from_sums(fed.centre_, sums, fed.counts_, search.scale)
     assert float(fed.scale_) == pytest.approx(float(central.scale_), rel=1e-4)
     np.testing.assert_allclose(fed.decision_function(X), central.decision_function(X), atol=1e-3)
 

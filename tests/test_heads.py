@@ -139,3 +139,96 @@ def test_imprint_refinement_lowers_the_loss_and_keeps_untouched_classes(tmp_path
         arrays = {k: data[k] for k in data.files if k != "weights_"}
     np.savez(path, **arrays)
     np.testing.assert_allclose(load_head(path).decision_function(Xt), plain.decision_function(Xt), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- what the fleet builds heads from
+def test_l2_normalise_gives_unit_rows_and_keeps_zero_rows() -> None:
+    from edgetl.heads.base import l2_normalise
+
+    X = np.array([[3.0, 4.0], [0.0, 0.0], [1e-20, 0.0]])
+    Z = l2_normalise(X)
+    assert Z.dtype == np.float64
+    np.testing.assert_allclose(Z, [[0.6, 0.8], [0.0, 0.0], [1e-8, 0.0]])
+    assert l2_normalise(X, np.float32).dtype == np.float32
+
+
+def test_ncm_head_from_sums_is_the_fitted_head(tmp_path: Path) -> None:
+    from edgetl.heads import NCMHead
+
+    X, y = clusters()
+    fitted = NCMHead().fit(X, y)
+    head = NCMHead.from_sums(fitted.centre_, fitted.sums_, fitted.counts_, float(fitted.scale_))
+    np.testing.assert_array_equal(head.decision_function(X), fitted.decision_function(X))
+    head.save(tmp_path / "h.npz")
+    again = load_head(tmp_path / "h.npz")
+    assert isinstance(again, NCMHead) and again.get_params() == fitted.get_params()
+    np.testing.assert_array_equal(again.decision_function(X), fitted.decision_function(X))
+
+
+def test_scale_moments_of_parts_add_up_to_the_heads_scale() -> None:
+    """The scale fit driven by moments summed over two halves of the data finds the head's own scale."""
+    from edgetl.heads import NCMHead
+    from edgetl.heads.base import l2_normalise
+    from edgetl.heads.prototype import ScaleSearch, scale_moments
+
+    X, y = clusters(classes=5, dim=16)
+    X += np.random.default_rng(1).normal(0, 3, X.shape).astype(np.float32)  # overlapping classes: a finite scale
+    head = NCMHead().fit(X, y)
+    cos = (l2_normalise(X - head.centre_) @ head.prototypes().T).astype(np.float64)
+    halves = (slice(0, 150), slice(150, None))
+    search = ScaleSearch()
+    while not search.done:
+        parts = [scale_moments(cos[h], y[h], search.scale) for h in halves]
+        np.testing.assert_allclose(sum(parts), scale_moments(cos, y, search.scale), rtol=1e-9)
+        search.update(sum(parts))
+    assert 1.0 < search.scale < 100.0 and search.steps < 30
+    assert search.scale == pytest.approx(float(head.scale_), rel=1e-5)
+
+
+def test_softmax_objective_of_a_fitted_head_and_of_its_parts() -> None:
+    """``SoftmaxHead.objective`` is the head's objective on raw embeddings: nearly stationary at a fitted head, and
+    the sum of its terms over parts of the data (weighted as the whole) is the whole's."""
+    from edgetl.heads import SoftmaxHead
+    from edgetl.heads.softmax import LinearWeights, add_l2
+
+    X, y = clusters(classes=3, dim=8)
+    X += np.random.default_rng(2).normal(0, 3, X.shape).astype(np.float32)
+    head = SoftmaxHead(l2=0.1, tol=1e-9, max_iter=500).fit(X, y)
+    weights = np.full(len(y), 1.0 / len(y))  # balanced classes: the head's weights
+    settings = {"l2": 0.1, "mean": head.mean_, "scale": head.scale_}
+    objective = SoftmaxHead.objective(X, y, 3, sample_weight=weights, **settings)
+    theta = LinearWeights(head.coef_, head.intercept_).theta()
+    _, grad = objective(theta)
+    _, grad0 = objective(np.zeros_like(theta))
+    assert float(np.linalg.norm(grad)) < 1e-3 * float(np.linalg.norm(grad0))
+    parts = [SoftmaxHead.objective(X[h], y[h], 3, sample_weight=weights[h], l2=0.0, mean=head.mean_,
+                                   scale=head.scale_) for h in (slice(0, 100), slice(100, None))]
+
+    def summed(t: np.ndarray) -> tuple[float, np.ndarray]:
+        terms = [part(t) for part in parts]
+        return sum(v for v, _ in terms), np.sum([g for _, g in terms], axis=0)
+
+    whole_loss, whole_grad = objective(theta)
+    loss, grad = add_l2(summed, 0.1, 8 * 3)(theta)
+    assert loss == pytest.approx(whole_loss, rel=1e-5)
+    np.testing.assert_allclose(grad, whole_grad, atol=1e-5)
+
+
+def test_softmax_head_from_linear_weights_with_standardisation(tmp_path: Path) -> None:
+    from edgetl.heads import SoftmaxHead
+    from edgetl.heads.softmax import LinearWeights
+
+    rng = np.random.default_rng(0)
+    coef, intercept = rng.normal(size=(3, 5)), rng.normal(size=3)
+    mean, scale = rng.normal(size=5), rng.uniform(0.5, 2.0, 5)
+    head = SoftmaxHead.from_linear(coef, intercept, mean, scale, l2=0.2)
+    X = rng.normal(size=(7, 5)).astype(np.float32)
+    expected = ((X - mean.astype(np.float32)) / scale.astype(np.float32)) @ coef.T.astype(np.float32) + intercept
+    np.testing.assert_allclose(head.decision_function(X), expected, rtol=1e-5, atol=1e-5)
+    head.save(tmp_path / "h.npz")
+    again = load_head(tmp_path / "h.npz")
+    assert again.get_params()["l2"] == 0.2 and float(again.l2_) == pytest.approx(0.2)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(again.decision_function(X), head.decision_function(X))
+    weights = LinearWeights.from_theta(LinearWeights(head.coef_, head.intercept_).theta(), 3)
+    np.testing.assert_array_equal(weights.coef, head.coef_)
+    np.testing.assert_array_equal(weights.intercept, head.intercept_)

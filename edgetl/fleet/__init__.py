@@ -6,6 +6,6 @@ the numpy arithmetic (device side and aggregation), :mod:`edgetl.fleet.app` the 
 
 from __future__ import annotations
 
-from edgetl.fleet.core import FleetStats, LocalData, merge_stats
+from edgetl.fleet.core import DeviceStats, FleetStats, LocalData, merge_stats
 
-__all__ = ["FleetStats", "LocalData", "merge_stats"]
+__all__ = ["DeviceStats", "FleetStats", "LocalData", "merge_stats"]

@@ -44,6 +44,10 @@ import numpy as np
 from edgetl._atomic import atomic_write, atomic_write_json
 from edgetl.errors import DataError, EdgeTLError
 from edgetl.fleet import core
+from edgetl.heads import NCMHead, SoftmaxHead
+from edgetl.heads.prototype import ScaleSearch
+from edgetl.heads.softmax import LinearWeights, add_l2
+from edgetl.optim import lbfgs
 
 log = logging.getLogger(__name__)
 
@@ -203,55 +207,75 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
     fa = _flwr()
     from flwr.clientapp import ClientApp
 
-    paths = [str(b) for b in bundles] if bundles is not None else None
+    device = _Device(fa, [str(b) for b in bundles] if bundles is not None else None)
     app = ClientApp()
+    app.query("join")(device.join)
+    app.train("ncm")(device.ncm_sums)
+    app.query("ncm_scale")(device.ncm_scale)
+    app.train()(device.softmax_round)
+    app.train("gradient")(device.gradient)
+    app.query("adopt")(device.adopt)
+    return app
 
-    def _checked(msg: Any, context: Any) -> tuple[Any, core.LocalData]:
-        runtime = _runtime(_bundle_for(context, paths))
+
+@dataclass(frozen=True)
+class _Device:
+    """A device's answers to the server's messages (one method per message type of :func:`make_client_app`)."""
+
+    fa: Any  #: ``flwr.app``
+    paths: list[str] | None  #: bundles of a simulation, by partition id (None: the node config names the bundle)
+
+    def _checked(self, msg: Any, context: Any) -> tuple[Any, core.LocalData]:
+        """This device's runtime and training data, after checking it runs the fleet's extractor."""
+        runtime = _runtime(_bundle_for(context, self.paths))
         expected = str(msg.content["config"]["extractor_sha256"])
         if expected != runtime.extractor_sha256:
             raise DataError(f"this device's extractor {runtime.extractor_sha256[:12]}… is not the fleet's "
                             f"{expected[:12]}…; it takes no part in the round")
         return runtime, local_data(runtime)
 
-    @app.query("join")
-    def join(msg: Any, context: Any) -> Any:
-        runtime = _runtime(_bundle_for(context, paths))
+    def _reply(self, msg: Any, **records: Any) -> Any:
+        return self.fa.Message(self.fa.RecordDict(records), reply_to=msg)
+
+    def _arrays(self, **arrays: np.ndarray) -> Any:
+        return self.fa.ArrayRecord({name: self.fa.Array(value) for name, value in arrays.items()})
+
+    def join(self, msg: Any, context: Any) -> Any:
+        """``query.join``: this device's extractor sha256 and, when it is the fleet's, its :class:`DeviceStats`."""
+        fa = self.fa
+        runtime = _runtime(_bundle_for(context, self.paths))
         expected = str(msg.content["config"]["extractor_sha256"])
-        reply = fa.RecordDict()
         if expected != runtime.extractor_sha256:
             log.warning("fleet: rejected, extractor %s differs from the server's %s", runtime.extractor_sha256[:12],
                         expected[:12])
-            reply["config"] = fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256, "accepted": False})
-            return fa.Message(reply, reply_to=msg)
+            return self._reply(msg, config=fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256,
+                                                             "accepted": False}))
         data = local_data(runtime)
         stats = core.local_stats(data)
-        reply["config"] = fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256, "accepted": True,
-                                           "classes": list(data.classes)})
-        reply["arrays"] = fa.ArrayRecord({k: fa.Array(np.asarray(v)) for k, v in stats.items()})
-        return fa.Message(reply, reply_to=msg)
+        config = fa.ConfigRecord({"extractor_sha256": runtime.extractor_sha256, "accepted": True,
+                                  "classes": list(data.classes)})
+        return self._reply(msg, config=config, arrays=self._arrays(**stats.arrays()))
 
-    @app.train("ncm")
-    def ncm_sums(msg: Any, context: Any) -> Any:
-        _, data = _checked(msg, context)
+    def ncm_sums(self, msg: Any, context: Any) -> Any:
+        """``train.ncm``: per-class sums and counts around the fleet's centre."""
+        _, data = self._checked(msg, context)
         union = list(msg.content["config"]["classes"])
         sums, counts = core.local_ncm_sums(data, union, msg.content["arrays"]["centre"].numpy())
         sums = _poison(_drill(context, "train.ncm"), sums)
-        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"sums": fa.Array(sums), "counts": fa.Array(counts)})})
-        return fa.Message(reply, reply_to=msg)
+        return self._reply(msg, arrays=self._arrays(sums=sums, counts=counts))
 
-    @app.query("ncm_scale")
-    def ncm_scale(msg: Any, context: Any) -> Any:
-        _, data = _checked(msg, context)
+    def ncm_scale(self, msg: Any, context: Any) -> Any:
+        """``query.ncm_scale``: the moments of the scale fit at the server's scale."""
+        _, data = self._checked(msg, context)
         cfg = msg.content["config"]
         arrays = msg.content["arrays"]
-        head = core.ncm_head(arrays["centre"].numpy(), arrays["sums"].numpy(), arrays["counts"].numpy(), 1.0)
+        head = NCMHead.from_sums(arrays["centre"].numpy(), arrays["sums"].numpy(), arrays["counts"].numpy(), 1.0)
         moments = core.local_scale_moments(data, list(cfg["classes"]), head, float(cfg["scale"]))
-        return fa.Message(fa.RecordDict({"arrays": fa.ArrayRecord({"moments": fa.Array(moments)})}), reply_to=msg)
+        return self._reply(msg, arrays=self._arrays(moments=moments))
 
-    @app.train()
-    def softmax_round(msg: Any, context: Any) -> Any:
-        _, data = _checked(msg, context)
+    def softmax_round(self, msg: Any, context: Any) -> Any:
+        """``train`` (FedAvgM): a few local L-BFGS iterations from the global head, and this device's share."""
+        _, data = self._checked(msg, context)
         cfg = msg.content["config"]
         arrays = msg.content["arrays"]
         coef, intercept, share = core.local_softmax_round(
@@ -259,25 +283,23 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
             np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32),
             np.asarray(cfg["class_weights"], np.float64), float(cfg["l2"]), int(cfg["local_iter"]))
         coef = _poison(_drill(context, "train"), coef)
-        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"coef": fa.Array(coef), "intercept": fa.Array(intercept)}),
-                               "metrics": fa.MetricRecord({"share": share, "num-examples": len(data.y)})})
-        return fa.Message(reply, reply_to=msg)
+        return self._reply(msg, arrays=self._arrays(coef=coef, intercept=intercept),
+                           metrics=self.fa.MetricRecord({"share": share, "num-examples": len(data.y)}))
 
-    @app.train("gradient")
-    def gradient(msg: Any, context: Any) -> Any:
-        _, data = _checked(msg, context)
+    def gradient(self, msg: Any, context: Any) -> Any:
+        """``train.gradient`` (federated L-BFGS): this device's term of the objective and its gradient."""
+        _, data = self._checked(msg, context)
         cfg = msg.content["config"]
         loss, grad = core.local_softmax_gradient(
             data, list(cfg["classes"]), msg.content["arrays"]["theta"].numpy(), np.asarray(cfg["mean"], np.float32),
             np.asarray(cfg["std"], np.float32), np.asarray(cfg["class_weights"], np.float64))
         grad = _poison(_drill(context, "train.gradient"), grad)
-        reply = fa.RecordDict({"arrays": fa.ArrayRecord({"grad": fa.Array(grad.astype(np.float32))}),
-                               "metrics": fa.MetricRecord({"loss": loss})})
-        return fa.Message(reply, reply_to=msg)
+        return self._reply(msg, arrays=self._arrays(grad=grad.astype(np.float32)),
+                           metrics=self.fa.MetricRecord({"loss": loss}))
 
-    @app.query("adopt")
-    def adopt(msg: Any, context: Any) -> Any:
-        runtime, _ = _checked(msg, context)
+    def adopt(self, msg: Any, context: Any) -> Any:
+        """``query.adopt``: the fleet head, checked against this device's trusted key, through its promote gate."""
+        runtime, _ = self._checked(msg, context)
         cfg = msg.content["config"]
         head, labels = bytes(cfg["head"]), [str(c) for c in cfg["classes"]]
         signature = bytes(cfg["signature"]) if "signature" in cfg else b""
@@ -288,21 +310,18 @@ def make_client_app(bundles: Sequence[str | os.PathLike[str]] | None = None):  #
         except EdgeTLError as exc:
             log.warning("fleet: head refused: %s", exc)
             runtime._log("fleet_head_refused", reason=str(exc), source=str(cfg["source"]))
-            reply = fa.ConfigRecord({"version": "", "promoted": False, "refused": True, "reason": str(exc),
-                                     "local_accuracy": -1.0})
-            return fa.Message(fa.RecordDict({"config": reply}), reply_to=msg)
+            return self._reply(msg, config=self.fa.ConfigRecord({"version": "", "promoted": False, "refused": True,
+                                                                 "reason": str(exc), "local_accuracy": -1.0}))
         with tempfile.TemporaryDirectory(prefix="edgetl-fleet-") as tmp:
             path = Path(tmp) / "head.npz"
             path.write_bytes(head)
             report = runtime.adopt_head(path, labels, source=f"{cfg['source']}; {signed}",
                                         extractor_sha256=str(cfg["extractor_sha256"]), force=bool(cfg["force"]),
                                         wait=30.0)
-        reply = fa.ConfigRecord({"version": report.version, "promoted": report.promoted, "reason": report.reason,
-                                 "refused": False, "signer": signed,
-                                 "local_accuracy": -1.0 if report.val_accuracy is None else report.val_accuracy})
-        return fa.Message(fa.RecordDict({"config": reply}), reply_to=msg)
-
-    return app
+        reply = self.fa.ConfigRecord({"version": report.version, "promoted": report.promoted, "reason": report.reason,
+                                      "refused": False, "signer": signed,
+                                      "local_accuracy": -1.0 if report.val_accuracy is None else report.val_accuracy})
+        return self._reply(msg, config=reply)
 
 
 def verify_fleet_head(head: bytes, labels: Sequence[str], extractor_sha256: str, signature: bytes,
@@ -429,100 +448,134 @@ def _wait_for_nodes(grid: Any, min_clients: int, timeout: float) -> list[int]:
 
 def run_server(grid: Any, cfg: FleetConfig) -> FleetResult:
     """The server side of one fleet run on a Flower ``Grid``; writes the head to ``cfg.out`` and returns the record."""
-    fa = _flwr()
     start = time.perf_counter()
     result = FleetResult(head=cfg.head, classes=[], extractor_sha256=cfg.extractor_sha256)
+    stats = core.merge_stats(_join(grid, cfg, result))
+    result.classes = stats.classes
+    head = _ncm(grid, cfg, stats, result) if cfg.head == "ncm" else _SOFTMAX[cfg.strategy](grid, cfg, stats, result)
+    written = _write_head(Path(cfg.out), head, stats.classes, cfg, result)
+    if cfg.adopt:
+        _adopt(grid, cfg, stats.classes, written, result)
+    result.seconds = round(time.perf_counter() - start, 2)
+    atomic_write_json(Path(cfg.out) / "fleet.json", asdict(result) | {
+        "config": asdict(cfg), "n_samples": stats.n, "class_counts": stats.counts.tolist()})
+    return result
 
-    def config(**values: Any) -> Any:
-        return fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256} | values)
 
+def _config(cfg: FleetConfig, **values: Any) -> Any:
+    """A message's config record: the fleet's extractor sha256 and ``values``."""
+    return _flwr().ConfigRecord({"extractor_sha256": cfg.extractor_sha256} | values)
+
+
+def _join(grid: Any, cfg: FleetConfig, result: FleetResult) -> list[core.DeviceStats]:
+    """``query.join`` to every connected device: the statistics of those that run the fleet's extractor and send
+    well-formed ones (``result.accepted``); the others are rejected (``result.rejected``)."""
+    fa = _flwr()
     nodes = _wait_for_nodes(grid, cfg.min_clients, cfg.timeout)
-    joined = _exchange(grid, nodes, "query.join", lambda n: fa.RecordDict({"config": config()}), cfg.timeout,
+    joined = _exchange(grid, nodes, "query.join", lambda n: fa.RecordDict({"config": _config(cfg)}), cfg.timeout,
                        result, count=False)
     for node in list(result.dropped):  # failed or silent at join: never accepted
         result.rejected[node] = result.dropped.pop(node)
     result.join_bytes_up = {str(n): _bytes(c) for n, c in joined.items()}
     reports = []
     for node, content in sorted(joined.items()):
-        theirs = str(content["config"]["extractor_sha256"])
-        if theirs != cfg.extractor_sha256 or not content["config"]["accepted"]:
-            result.rejected[node] = (f"extractor sha256 {theirs[:12]}… differs from the fleet's "
-                                     f"{cfg.extractor_sha256[:12]}…; install the fleet's bundle on this device")
-            log.warning("fleet: device %s rejected: %s", node, result.rejected[node])
-            continue
-        names = list(content["config"]["classes"])
-        reason = check_arrays(content, {"class_counts": (len(names),)}) or check_arrays(
-            content, {k: tuple(content["arrays"][k].numpy().shape) for k in ("feature_sum", "feature_sumsq")})
+        reason = _join_refusal(content, cfg)
         if reason:
-            result.rejected[node] = f"join statistics rejected: {reason}"
-            log.warning("fleet: device %s rejected: %s", node, result.rejected[node])
+            result.rejected[node] = reason
+            log.warning("fleet: device %s rejected: %s", node, reason)
             continue
         result.accepted.append(node)
         arrays = content["arrays"]
-        reports.append((names, {k: arrays[k].numpy() for k in arrays}))
+        reports.append(core.DeviceStats.from_arrays(content["config"]["classes"], {k: arrays[k].numpy()
+                                                                                   for k in arrays}))
     if len(result.accepted) < cfg.min_clients:
         raise EdgeTLError(f"only {len(result.accepted)} device(s) run the fleet's extractor; at least "
                           f"{cfg.min_clients} are needed ({len(result.rejected)} rejected)")
-    stats = core.merge_stats(reports)
-    result.classes = stats.classes
+    return reports
+
+
+def _join_refusal(content: Any, cfg: FleetConfig) -> str:
+    """Why a join reply is refused ("" when it is accepted): another extractor, or malformed statistics."""
+    theirs = str(content["config"]["extractor_sha256"])
+    if theirs != cfg.extractor_sha256 or not content["config"]["accepted"]:
+        return (f"extractor sha256 {theirs[:12]}… differs from the fleet's {cfg.extractor_sha256[:12]}…; install "
+                "the fleet's bundle on this device")
+    names = list(content["config"]["classes"])
+    reason = check_arrays(content, {"class_counts": (len(names),)}) or check_arrays(
+        content, {k: tuple(content["arrays"][k].numpy().shape) for k in ("feature_sum", "feature_sumsq")})
+    return f"join statistics rejected: {reason}" if reason else ""
+
+
+def _ncm(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetResult) -> NCMHead:
+    """The NCM head: per-class sums and counts summed exactly (``train.ncm``), then the softmax scale fitted on
+    moments summed over the devices (``query.ncm_scale``, a few Newton steps)."""
+    fa = _flwr()
     n_classes, dim = len(stats.classes), len(stats.mean)
+    centre = fa.ArrayRecord({"centre": fa.Array(stats.mean)})
+    sums_replies = _exchange(grid, _alive(result, cfg), "train.ncm", lambda n: fa.RecordDict(
+        {"config": _config(cfg, classes=stats.classes), "arrays": centre}), cfg.timeout, result,
+        shapes={"sums": (n_classes, dim), "counts": (n_classes,)})
+    sums_replies = {n: c for n, c in sums_replies.items() if n in _alive(result, cfg)}
+    # content order, not arrival order: the same fleet gives the same head bit for bit
+    ordered = sorted(sums_replies.values(), key=_content_digest_of)
+    sums = np.asarray(np.sum([c["arrays"]["sums"].numpy() for c in ordered], axis=0))
+    counts = np.asarray(np.sum([c["arrays"]["counts"].numpy() for c in ordered], axis=0))
+    empty = [stats.classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise EdgeTLError(f"class(es) {', '.join(empty)} lost every device that held them ({len(result.dropped)} "
+                          "left out); rerun when those devices are back")
+    head_arrays = fa.ArrayRecord({"centre": fa.Array(stats.mean), "sums": fa.Array(sums),
+                                  "counts": fa.Array(counts)})
+    search = ScaleSearch()
+    while not search.done:
+        replies = _exchange(grid, _alive(result, cfg), "query.ncm_scale", lambda n: fa.RecordDict(
+            {"config": _config(cfg, classes=stats.classes, scale=search.scale), "arrays": head_arrays}),
+            cfg.timeout, result, shapes={"moments": (3,)})
+        search.update(sum(c["arrays"]["moments"].numpy() for c in replies.values()))
+    return NCMHead.from_sums(stats.mean, sums, counts, search.scale)
 
-    if cfg.head == "ncm":
-        centre = fa.ArrayRecord({"centre": fa.Array(stats.mean)})
-        sums_replies = _exchange(grid, _alive(result, cfg), "train.ncm", lambda n: fa.RecordDict(
-            {"config": config(classes=stats.classes), "arrays": centre}), cfg.timeout, result,
-            shapes={"sums": (n_classes, dim), "counts": (n_classes,)})
-        sums_replies = {n: c for n, c in sums_replies.items() if n in _alive(result, cfg)}
-        # content order, not arrival order: the same fleet gives the same head bit for bit
-        ordered = sorted(sums_replies.values(), key=_content_digest_of)
-        sums = np.sum([c["arrays"]["sums"].numpy() for c in ordered], axis=0)
-        counts = np.sum([c["arrays"]["counts"].numpy() for c in ordered], axis=0)
-        empty = [stats.classes[i] for i in np.flatnonzero(counts == 0)]
-        if empty:
-            raise EdgeTLError(f"class(es) {', '.join(empty)} lost every device that held them ({len(result.dropped)} "
-                              "left out); rerun when those devices are back")
-        head_arrays = fa.ArrayRecord({"centre": fa.Array(stats.mean), "sums": fa.Array(np.asarray(sums)),
-                                      "counts": fa.Array(np.asarray(counts))})
-        search = core.ScaleSearch()
-        while not search.done:
-            replies = _exchange(grid, _alive(result, cfg), "query.ncm_scale", lambda n: fa.RecordDict(
-                {"config": config(classes=stats.classes, scale=search.scale), "arrays": head_arrays}), cfg.timeout,
-                result, shapes={"moments": (3,)})
-            search.update(sum(c["arrays"]["moments"].numpy() for c in replies.values()))
-        head = core.ncm_head(stats.mean, np.asarray(sums), np.asarray(counts), search.scale)
-    else:
-        head = _SOFTMAX[cfg.strategy](grid, cfg, stats, result)
 
-    out = Path(cfg.out)
+@dataclass(frozen=True)
+class _HeadFile:
+    """The head file's bytes as written (and sent to the devices), and its signature (empty when unsigned)."""
+
+    payload: bytes
+    signature: bytes
+
+
+def _write_head(out: Path, head: Any, classes: list[str], cfg: FleetConfig, result: FleetResult) -> _HeadFile:
+    """``head.npz`` and ``labels.json`` in ``out``, and ``head.sig`` when ``cfg.sign_key`` is set (a stale one is
+    removed otherwise); records the file, its sha256 and the signer in ``result``."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     head.save(buf)
     payload = buf.getvalue()
     atomic_write(out / "head.npz", lambda fh: fh.write(payload))
-    atomic_write_json(out / "labels.json", stats.classes)
+    atomic_write_json(out / "labels.json", classes)
     result.head_file = str(out / "head.npz")
     result.head_sha256 = hashlib.sha256(payload).hexdigest()
     signature = b""
     if cfg.sign_key:
         from edgetl.fleet.trust import SIGNATURE_FILE, sign_head
 
-        signed = sign_head(payload, stats.classes, cfg.extractor_sha256, cfg.sign_key)
+        signed = sign_head(payload, classes, cfg.extractor_sha256, cfg.sign_key)
         signature, result.signer = signed.signature, signed.signer
         atomic_write(out / SIGNATURE_FILE, lambda fh: fh.write(signature))
     elif (out / "head.sig").exists():
         (out / "head.sig").unlink()  # a stale signature of an earlier head must not sit beside this one
+    return _HeadFile(payload, signature)
 
-    if cfg.adopt:
-        alive = _alive(result, cfg)
-        adopt_cfg = config(classes=stats.classes, head=payload, source=f"fleet {cfg.head} head ({len(alive)} "
-                           "devices)", force=cfg.force, **({"signature": signature} if signature else {}))
-        replies = _exchange(grid, alive, "query.adopt", lambda n: fa.RecordDict({"config": adopt_cfg}),
-                            cfg.timeout, result, count=False)
-        result.adopted = {n: dict(c["config"]) for n, c in replies.items()}
-    result.seconds = round(time.perf_counter() - start, 2)
-    atomic_write_json(out / "fleet.json", asdict(result) | {"config": asdict(cfg), "n_samples": stats.n,
-                                                            "class_counts": stats.counts.tolist()})
-    return result
+
+def _adopt(grid: Any, cfg: FleetConfig, classes: list[str], written: _HeadFile, result: FleetResult) -> None:
+    """``query.adopt``: send the head (and its signature) to every device left; record each device's answer."""
+    fa = _flwr()
+    alive = _alive(result, cfg)
+    adopt_cfg = _config(cfg, classes=classes, head=written.payload,
+                        source=f"fleet {cfg.head} head ({len(alive)} devices)", force=cfg.force,
+                        **({"signature": written.signature} if written.signature else {}))
+    replies = _exchange(grid, alive, "query.adopt", lambda n: fa.RecordDict({"config": adopt_cfg}), cfg.timeout,
+                        result, count=False)
+    result.adopted = {n: dict(c["config"]) for n, c in replies.items()}
 
 
 def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetResult) -> Any:
@@ -583,22 +636,20 @@ def _fedavg(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetRe
     strategy = _Accepted(fraction_evaluate=0.0, min_train_nodes=cfg.min_clients, min_available_nodes=cfg.min_clients,
                          weighted_by_key="share", server_learning_rate=1.0, server_momentum=cfg.momentum)
     out = strategy.start(grid, initial, num_rounds=cfg.rounds, timeout=cfg.timeout, train_config=train_config)
-    return core.softmax_head(out.arrays["coef"].numpy(), out.arrays["intercept"].numpy(), stats.mean, stats.std,
-                             l2=cfg.l2)
+    return SoftmaxHead.from_linear(out.arrays["coef"].numpy(), out.arrays["intercept"].numpy(), stats.mean,
+                                   stats.std, l2=cfg.l2)
 
 
 def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result: FleetResult) -> Any:
     """The L-BFGS of :class:`~edgetl.heads.SoftmaxHead` (same start, tolerance, memory) on the global objective,
     each evaluation one Flower round in which every device returns its term's loss and gradient (exact sums)."""
     fa = _flwr()
-    from edgetl.heads.softmax import SoftmaxHead, _lbfgs
-
     n_classes, dim = len(stats.classes), len(stats.mean)
     settings = fa.ConfigRecord({"extractor_sha256": cfg.extractor_sha256, "classes": stats.classes,
                                 "mean": stats.mean.astype(float).tolist(), "std": stats.std.astype(float).tolist(),
                                 "class_weights": core.class_weights(stats.counts).tolist()})
 
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def summed(theta: np.ndarray) -> tuple[float, np.ndarray]:
         record = fa.RecordDict({"config": settings, "arrays": fa.ArrayRecord({"theta": fa.Array(theta)})})
         accepted = _alive(result, cfg)
         replies = _exchange(grid, accepted, "train.gradient", lambda n: record, cfg.timeout, result,
@@ -608,16 +659,13 @@ def _federated_lbfgs(grid: Any, cfg: FleetConfig, stats: core.FleetStats, result
                               f"{'; '.join(f'{n}: {r}' for n, r in result.dropped.items())}. Use --strategy fedavg "
                               "on a fleet whose devices drop out")
         loss = sum(float(c["metrics"]["loss"]) for c in replies.values())
-        grad = np.sum([c["arrays"]["grad"].numpy() for c in replies.values()], axis=0)
-        W = theta[:dim * n_classes]
-        grad[:dim * n_classes] += cfg.l2 * W
-        return loss + 0.5 * cfg.l2 * float(W @ W), grad.astype(np.float32)
+        return loss, np.sum([c["arrays"]["grad"].numpy() for c in replies.values()], axis=0)
 
     solver = SoftmaxHead()  # the central head's own tolerance and memory
-    theta, _ = _lbfgs(objective, np.zeros(dim * n_classes + n_classes, dtype=np.float32), cfg.rounds, solver.tol,
-                      solver.memory)
-    coef = np.ascontiguousarray(theta[:dim * n_classes].reshape(dim, n_classes).T)
-    return core.softmax_head(coef, theta[dim * n_classes:], stats.mean, stats.std, l2=cfg.l2)
+    theta = lbfgs(add_l2(summed, cfg.l2, dim * n_classes), np.zeros(dim * n_classes + n_classes, dtype=np.float32),
+                  cfg.rounds, solver.tol, solver.memory).x
+    weights = LinearWeights.from_theta(theta, n_classes)
+    return SoftmaxHead.from_linear(weights.coef, weights.intercept, stats.mean, stats.std, l2=cfg.l2)
 
 
 _SOFTMAX = {"fedavg": _fedavg, "lbfgs": _federated_lbfgs}

@@ -81,6 +81,13 @@ def softmax(scores: np.ndarray) -> FloatArray:
     return z.astype(np.float32, copy=False)
 
 
+def l2_normalise(X: npt.ArrayLike, dtype: npt.DTypeLike = None) -> np.ndarray:
+    """Rows of ``X`` (N, D) divided by their Euclidean norm (at least 1e-12, so zero rows stay zero), in ``X``'s dtype
+    or ``dtype``. The one normalisation of the cosine heads, the novelty score and the fleet's NCM sums."""
+    X = np.asarray(X, dtype=dtype)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
 def check_Xy(X: npt.ArrayLike, y: npt.ArrayLike | None = None) -> tuple[FloatArray, npt.NDArray[np.int64] | None]:
     """Validate embeddings (2-D, finite) and labels (1-D integers, same length)."""
     X = np.asarray(X, dtype=np.float32)

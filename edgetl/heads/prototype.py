@@ -4,17 +4,13 @@ samples (``partial_fit``) updates them exactly."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from edgetl.errors import DataError
-from edgetl.heads.base import FloatArray, Head, check_features, check_Xy, softmax
-
-
-def _normalise(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+from edgetl.heads.base import FloatArray, Head, check_features, check_Xy, l2_normalise, softmax
 
 
 def _centred_unit(X: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -81,7 +77,7 @@ class _Prototypes(Head):
     def prototypes(self) -> np.ndarray:
         """Normalised class means ``(C, D)`` (zero rows for classes without samples)."""
         means = self.sums_ / np.maximum(self.counts_, 1)[:, None]
-        return _normalise(means).astype(np.float32)
+        return l2_normalise(means).astype(np.float32)
 
     def weights(self) -> np.ndarray:
         """The cosine classifier's unit weight rows ``(C, D)``: the class means here."""
@@ -91,7 +87,7 @@ class _Prototypes(Head):
         self._check_fitted()
         X, _ = check_Xy(X)
         check_features(X, self.sums_.shape[1])
-        scores = _normalise(X - self.centre_) @ self.weights().T
+        scores = l2_normalise(X - self.centre_) @ self.weights().T
         scores[:, self.counts_ == 0] = -1e9  # classes without samples are never predicted
         return scores
 
@@ -99,26 +95,49 @@ class _Prototypes(Head):
         return (self._cosines(X) * self.scale_).astype(np.float32)
 
     def _fit_scale(self, Z: np.ndarray, y: np.ndarray) -> float:
-        """Softmax scale of the cosine scores: the ``s`` in [1, 100] of lowest training NLL. The NLL is convex in
-        ``s`` (a log-sum-exp of functions linear in ``s``), so a safeguarded 1-D Newton iteration finds it."""
+        """Softmax scale of the cosine scores: the ``s`` in [1, 100] of lowest training NLL (:class:`ScaleSearch`)."""
         cos = (Z @ self.prototypes().T).astype(np.float64)
-        true = cos[np.arange(len(y)), y]
-        lo, hi, s = 1.0, 100.0, 10.0
-        for _ in range(30):
-            p = softmax(cos * s).astype(np.float64)
-            expected = (p * cos).sum(axis=1)
-            grad = float((expected - true).mean())
-            curv = float(((p * cos * cos).sum(axis=1) - expected ** 2).mean())
-            if grad > 0:
-                hi = s
-            else:
-                lo = s
-            step = s - grad / curv if curv > 1e-12 else np.nan
-            s_new = step if lo < step < hi else np.sqrt(lo * hi)  # bisect (geometrically) when Newton leaves the bracket
-            if abs(s_new - s) <= 1e-3 * s or hi - lo <= 1e-3 * lo:
-                return float(np.clip(s_new, 1.0, 100.0))
-            s = s_new
-        return float(np.clip(s, 1.0, 100.0))
+        search = ScaleSearch()
+        while not search.done:
+            search.update(scale_moments(cos, y, search.scale))
+        return search.scale
+
+
+def scale_moments(cos: np.ndarray, y: np.ndarray, scale: float) -> np.ndarray:
+    """Sums over the samples of the first and second derivative in the softmax scale of the NLL of
+    ``softmax(scale * cos)`` (``cos`` (N, C) float64 cosine scores, ``y`` (N,) true classes), and the sample count:
+    ``[sum(E_p[cos] - cos_true), sum(Var_p[cos]), N]``. Moments of parts of the data add up to the moments of the
+    whole (the fleet sums them over devices)."""
+    true = cos[np.arange(len(y)), y]
+    p = softmax(cos * scale).astype(np.float64)
+    expected = (p * cos).sum(axis=1)
+    return np.array([float((expected - true).sum()), float(((p * cos * cos).sum(axis=1) - expected ** 2).sum()),
+                     float(len(y))])
+
+
+class ScaleSearch:
+    """The softmax scale of a cosine head: the ``s`` in [1, 100] of lowest NLL. The NLL is convex in ``s`` (a
+    log-sum-exp of functions linear in ``s``), so a safeguarded 1-D Newton iteration finds it: start at 10, bisect
+    (geometrically) when Newton leaves the bracket, stop at a relative change of 1e-3 or after 30 steps. Driven by
+    :func:`scale_moments` (of one head's training data, or summed over a fleet): ``while not search.done:
+    search.update(moments)``, then ``search.scale``."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi, self.scale, self.done, self.steps = 1.0, 100.0, 10.0, False, 0
+
+    def update(self, moments: np.ndarray) -> None:
+        """One Newton step from the moments at :attr:`scale`."""
+        grad, curv = moments[0] / moments[2], moments[1] / moments[2]
+        if grad > 0:
+            self.hi = self.scale
+        else:
+            self.lo = self.scale
+        step = self.scale - grad / curv if curv > 1e-12 else np.nan
+        new = step if self.lo < step < self.hi else float(np.sqrt(self.lo * self.hi))
+        self.steps += 1
+        if abs(new - self.scale) <= 1e-3 * self.scale or self.hi - self.lo <= 1e-3 * self.lo or self.steps >= 30:
+            self.done = True
+        self.scale = float(np.clip(new, 1.0, 100.0))
 
 
 class NCMHead(_Prototypes):
@@ -126,6 +145,19 @@ class NCMHead(_Prototypes):
 
     kind: ClassVar[str] = "ncm"
     center = True
+
+    @classmethod
+    def from_sums(cls, centre: npt.ArrayLike, sums: npt.ArrayLike, counts: npt.ArrayLike, scale: float,
+                  **params: Any) -> NCMHead:
+        """A fitted head from its centring mean ``centre`` (D,), per-class sums of centred, normalised embeddings
+        ``sums`` (C, D), per-class counts ``counts`` (C,) and softmax ``scale`` (e.g. summed over a fleet's devices:
+        the head trained on the union of their data). ``params``: the head's settings."""
+        head = cls(**params)
+        head.centre_ = np.asarray(centre, dtype=np.float32)
+        head.sums_ = np.asarray(sums, dtype=np.float64)
+        head.counts_ = np.asarray(counts, dtype=np.int64)
+        head.scale_ = np.float32(scale)
+        return head
 
 
 class ImprintHead(_Prototypes):
@@ -180,7 +212,7 @@ class ImprintHead(_Prototypes):
         lr = self.learning_rate
         loss, grad = loss_grad(W)
         for _ in range(self.refine_steps):
-            trial = _normalise(W - lr * grad)
+            trial = l2_normalise(W - lr * grad)
             trial_loss, trial_grad = loss_grad(trial)
             if trial_loss < loss:
                 W, loss, grad = trial, trial_loss, trial_grad
@@ -193,7 +225,7 @@ class ImprintHead(_Prototypes):
     def _from_arrays(cls, params: dict[str, object], arrays: dict[str, np.ndarray]) -> Head:
         if "weights_" not in arrays and "sums_" in arrays and "counts_" in arrays:  # written before refinement
             means = arrays["sums_"] / np.maximum(arrays["counts_"], 1)[:, None]
-            arrays = arrays | {"weights_": _normalise(means).astype(np.float32)}
+            arrays = arrays | {"weights_": l2_normalise(means).astype(np.float32)}
         return super()._from_arrays(params, arrays)
 
 
@@ -211,7 +243,7 @@ class KNNHead(Head):
         X, y = check_Xy(X, y)
         assert y is not None
         _two_classes(y)
-        self.X_ = _normalise(X).astype(np.float32)
+        self.X_ = l2_normalise(X).astype(np.float32)
         self.y_ = y
         self.n_classes_ = np.int64(int(y.max()) + 1)
         return self
@@ -221,7 +253,7 @@ class KNNHead(Head):
             return self.fit(X, y)
         X, y = check_Xy(X, y)
         assert y is not None
-        self.X_ = np.vstack([self.X_, _normalise(X).astype(np.float32)])
+        self.X_ = np.vstack([self.X_, l2_normalise(X).astype(np.float32)])
         self.y_ = np.concatenate([self.y_, y])
         self.n_classes_ = np.int64(max(int(self.n_classes_), int(y.max()) + 1))
         return self
@@ -231,7 +263,7 @@ class KNNHead(Head):
         self._check_fitted()
         X, _ = check_Xy(X)
         check_features(X, self.X_.shape[1])
-        sims = _normalise(X) @ self.X_.T
+        sims = l2_normalise(X) @ self.X_.T
         k = min(self.k, len(self.y_))
         idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         votes = np.zeros((len(X), int(self.n_classes_)), dtype=np.float32)
