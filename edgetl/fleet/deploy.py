@@ -149,7 +149,7 @@ class LoopbackFleet:
 
     def register(self, device: LoopbackDevice) -> int:
         """``flwr supernode register`` the device's public key; returns its node id."""
-        public = self.certs.node_keys[device.name][1]
+        public = self.certs.node_keys[device.name].public
         done = self._flwr("supernode", "register", str(public), CONNECTION, "--name", device.name, "--format",
                           "json")
         try:
@@ -164,7 +164,7 @@ class LoopbackFleet:
         """Start the device's SuperNode with ``edgetl fleet client`` (TLS, its node key, its own runtime port)."""
         cmd = [self.python, "-m", "edgetl.cli", "fleet", "client", str(device.bundle), "--superlink",
                f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs.ca_cert), "--auth-key",
-               str(self.certs.node_keys[device.name][0]), "--port", str(free_port())]
+               str(self.certs.node_keys[device.name].private), "--port", str(free_port())]
         cmd += ["--trust", str(device.trust)] if device.trust else []
         cmd += ["--drill", device.drill] if device.drill else []
         self._start(f"device-{device.name}", cmd)
