@@ -84,6 +84,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m edgetl.bench ARGS-JSON``: :func:`measure`, printed as one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m edgetl.bench ARGS-JSON (run by edgetl device bench: see edgetl.bench.measure)")
     print(json.dumps(measure(json.loads(argv[0]))))
 
 
