@@ -44,7 +44,8 @@ def read_small_file(path: str | os.PathLike[str], limit: int, what: str) -> byte
         os.close(fd)
 
 
-def _crypto():  # type: ignore[no-untyped-def]
+def crypto():  # type: ignore[no-untyped-def]
+    """The ``cryptography`` modules edgetl signs with: ``(serialization, ed25519)``; a one-line error without it."""
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -55,7 +56,7 @@ def _crypto():  # type: ignore[no-untyped-def]
 
 def generate_keys(out: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write a new Ed25519 private key to ``out`` (0600) and its public key to ``out.pub``; refuse to overwrite."""
-    serialization, ed25519 = _crypto()
+    serialization, ed25519 = crypto()
     out = Path(out)
     pub = out.with_name(out.name + ".pub")
     for path in (out, pub):
@@ -75,7 +76,7 @@ def generate_keys(out: str | os.PathLike[str]) -> tuple[Path, Path]:
 def sign_bundle(bundle: str | os.PathLike[str], key: str | os.PathLike[str]) -> Path:
     """Sign ``bundle/manifest.json`` with the private key file ``key``; write ``bundle/manifest.sig``. An ECDSA key
     writes an OpenSSF model-signing signature, ``bundle/model.sig``, instead (:mod:`edgetl.openssf`)."""
-    serialization, ed25519 = _crypto()
+    serialization, ed25519 = crypto()
     from edgetl import openssf
 
     if openssf.is_ec_key(key, private=True):
@@ -94,7 +95,7 @@ def sign_bundle(bundle: str | os.PathLike[str], key: str | os.PathLike[str]) -> 
 
 def load_public_key(public_key: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
     """The Ed25519 public key in the PEM file ``public_key`` (read with a size limit)."""
-    serialization, ed25519 = _crypto()
+    serialization, ed25519 = crypto()
     data = read_small_file(public_key, MAX_KEY_BYTES, "trusted public key")
     try:
         public = serialization.load_pem_public_key(data)
@@ -125,7 +126,7 @@ def verify_manifest(signature: bytes | None, manifest_bytes: bytes, public_key: 
 def verify_signature(bundle: Path, manifest_bytes: bytes, public_key: str | os.PathLike[str]) -> None:
     """Raise :class:`BundleError` unless ``manifest.sig`` is a valid signature of ``manifest_bytes`` by the key (an
     ECDSA key: unless ``model.sig`` is a valid OpenSSF signature of the bundle's files, this manifest included)."""
-    _crypto()
+    crypto()
     from edgetl import openssf
 
     if openssf.is_ec_key(public_key):

@@ -167,7 +167,7 @@ def _work(make: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, float]:
     from edgetl.heads import softmax
 
     samples = [0]
-    original = softmax._objective
+    original = softmax.softmax_objective
 
     def counted(Z: np.ndarray, *args: Any) -> Any:
         objective = original(Z, *args)
@@ -177,11 +177,11 @@ def _work(make: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, float]:
             return objective(theta)
         return run
 
-    softmax._objective = counted
+    softmax.softmax_objective = counted
     try:
         head = make().fit(X, y)
     finally:
-        softmax._objective = original
+        softmax.softmax_objective = original
     return head, samples[0] / len(X)
 
 

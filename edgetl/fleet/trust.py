@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgetl.errors import BundleError
-from edgetl.signing import MAX_KEY_BYTES, MAX_SIGNATURE_BYTES, _crypto, load_public_key, read_small_file
+from edgetl.signing import MAX_KEY_BYTES, MAX_SIGNATURE_BYTES, crypto, load_public_key, read_small_file
 
 SIGNATURE_FILE = "head.sig"
 _TAG = b"edgetl fleet head v1\n"
@@ -38,7 +38,7 @@ def statement(head: bytes, labels: Sequence[str], extractor_sha256: str) -> byte
 
 def fingerprint(public) -> str:  # type: ignore[no-untyped-def]
     """First 16 hex digits of the sha256 of an Ed25519 public key's raw bytes."""
-    serialization, _ = _crypto()
+    serialization, _ = crypto()
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -46,7 +46,7 @@ def fingerprint(public) -> str:  # type: ignore[no-untyped-def]
 def sign_head(head: bytes, labels: Sequence[str], extractor_sha256: str,
               key: str | os.PathLike[str]) -> HeadSignature:
     """Sign a head file's bytes (with its labels and extractor) with the operator's Ed25519 private key file."""
-    serialization, ed25519 = _crypto()
+    serialization, ed25519 = crypto()
     try:
         private = serialization.load_pem_private_key(read_small_file(key, MAX_KEY_BYTES, "head-signing key"),
                                                      password=None)
