@@ -104,6 +104,6 @@ def export(model: str | None, run_dir: Path | None, out: Path, formats: tuple[st
     click.echo(f"exported {result.bundle} ({result.backbone}, {result.input_size})")
     click.echo(extractor_table(result.extractors))
     if sign_key is not None:
-        click.echo(f"signed with {sign_key} ({result.bundle / 'manifest.sig'})")
+        click.echo(f"signed with {sign_key} ({result.signature})")
     if result.refused is not None:
         raise result.refused
