@@ -69,8 +69,8 @@ def bundle_report(bundle: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = []
     for e in b.extractors():
         reasons = []
-        if e.raw.get("failed"):
-            reasons.append(f"failed the export accuracy gate ({e.report.get('reason', '')})")
+        if e.failed:
+            reasons.append(f"failed the export accuracy gate ({e.reason or ''})")
         if e.format not in have:
             extra = BACKENDS[e.format][3] if e.format in BACKENDS else e.format
             hint = f"pip install 'edgetl[{extra}]'"

@@ -142,7 +142,7 @@ def build_kit(bundle: str | os.PathLike[str], out: str | os.PathLike[str], profi
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise KitError(f"{out} exists and is not empty; pass a new folder for the kit")
-    formats = tuple(sorted({e.format for e in Bundle.load(bundle, verify=False).extractors()}))
+    formats = tuple(sorted({e.format for e in Bundle.load(bundle, verify=False).manifest.extractors}))
     target = kit_target(profile, extra, python, platforms, formats)
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,8 @@ import stat
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from edgetl.bundle import MANIFEST, STATE_DIR, Bundle
+from edgetl.bundle import MANIFEST, STATE_DIR, Bundle, UnverifiedManifest
 from edgetl.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def pack(bundle: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Write the bundle's files (verified first; device ``state/`` left out) to ``out`` (.tar.gz)."""
     b = Bundle.load(bundle)
     out = Path(out)
-    names = sorted({*b.manifest["files"], MANIFEST} | {s for s in (SIGNATURE, OPENSSF_SIGNATURE) if (b.path / s).is_file()})
+    names = sorted({*b.manifest.files, MANIFEST} | {s for s in (SIGNATURE, OPENSSF_SIGNATURE) if (b.path / s).is_file()})
     tmp = out.with_name(f".{out.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for name in names:
@@ -113,9 +112,7 @@ def _check_dest(dest: Path) -> tuple[str, list[str]]:
     if MANIFEST not in entries:
         return "other", entries
     try:
-        manifest = json.loads((dest / MANIFEST).read_bytes())
-        listed = set(manifest["files"]) if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) \
-            else None
+        listed = UnverifiedManifest.of(json.loads((dest / MANIFEST).read_bytes())).listed
     except (OSError, ValueError):
         listed = None
     if listed is None:  # a damaged bundle: its files cannot be told from others
@@ -134,27 +131,22 @@ def _check_dest(dest: Path) -> tuple[str, list[str]]:
     return "bundle", sorted(extra)
 
 
-def _created(manifest: dict[str, Any]) -> float:
-    try:
-        return float(manifest.get("created_unix") or 0.0)
-    except (TypeError, ValueError):
-        return 0.0
-
-
 def _installed_created(dest: Path) -> tuple[float, str]:
     """(newest created time, its description) among the bundle installed in DEST and the manifests its device
     accepted (``state/accepted.json``)."""
     newest, what = 0.0, ""
     try:
-        manifest = json.loads((dest / MANIFEST).read_bytes())
-        if isinstance(manifest, dict):
-            newest, what = _created(manifest), f"the installed bundle (created {manifest.get('created')})"
+        data = json.loads((dest / MANIFEST).read_bytes())
+        if isinstance(data, dict):
+            installed = UnverifiedManifest.of(data)
+            newest, what = installed.created_unix, f"the installed bundle (created {installed.created})"
     except (OSError, ValueError):
         pass
-    try:
-        accepted = json.loads((dest / STATE_DIR / ACCEPTED).read_bytes())
-        if isinstance(accepted, dict) and _created(accepted) > newest:
-            newest, what = _created(accepted), f"a bundle this device accepted (created {accepted.get('created')})"
+    try:  # state/accepted.json records the created time of the newest signed manifest accepted (the same fields)
+        data = json.loads((dest / STATE_DIR / ACCEPTED).read_bytes())
+        accepted = UnverifiedManifest.of(data)
+        if isinstance(data, dict) and accepted.created_unix > newest:
+            newest, what = accepted.created_unix, f"a bundle this device accepted (created {accepted.created})"
     except (OSError, ValueError):
         pass
     return newest, what
@@ -200,9 +192,9 @@ def install(archive: str | os.PathLike[str], dest: str | os.PathLike[str], trust
                 _check_coverage(files, manifest, archive)
                 if kind == "bundle":
                     newest, what = _installed_created(dest)
-                    if _created(manifest) < newest:
+                    if manifest.created_unix < newest:
                         raise BundleError(
-                            f"{archive} was created {manifest.get('created')}, before {what} in {dest}; refusing a "
+                            f"{archive} was created {manifest.created}, before {what} in {dest}; refusing a "
                             "replayed or older bundle — to go back, export a new bundle, or install into a new folder")
                 # every check passed: only now does anything on disk change
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -252,19 +244,20 @@ def _small_member(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], name:
         return source.read()
 
 
-def _parse_manifest(data: bytes, archive: Path) -> dict[str, Any]:
+def _parse_manifest(data: bytes, archive: Path) -> UnverifiedManifest:
+    """What the archive's manifest claims (checked in full once unpacked: :meth:`Bundle.load`)."""
     try:
-        manifest = json.loads(data.decode("utf-8"))
+        manifest = UnverifiedManifest.of(json.loads(data.decode("utf-8")))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleError(f"the manifest in {archive} is corrupt ({type(exc).__name__}); copy it again") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    if manifest.listed is None:
         raise BundleError(f"the manifest in {archive} lists no files; it was not written by edgetl export")
     return manifest
 
 
-def _check_coverage(files: dict[str, tarfile.TarInfo], manifest: dict[str, Any], archive: Path) -> None:
+def _check_coverage(files: dict[str, tarfile.TarInfo], manifest: UnverifiedManifest, archive: Path) -> None:
     """Every file in the archive is listed (and so covered by a sha256, and by the signature when signed)."""
-    listed = {str(PurePosixPath(*PurePosixPath(n).parts)) for n in manifest["files"] if isinstance(n, str) and n}
+    listed = {str(PurePosixPath(*PurePosixPath(n).parts)) for n in manifest.listed or () if n}
     extra = sorted(set(files) - listed - {MANIFEST, SIGNATURE, OPENSSF_SIGNATURE})
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
@@ -324,7 +317,7 @@ def _swap(staging: Path, dest: Path, kind: str, extra: list[str], wait: float) -
         shutil.rmtree(old, ignore_errors=True)  # the old bundle's own files only: anything else was refused
 
 
-def _record_accepted(dest: Path, manifest: dict[str, Any], manifest_bytes: bytes) -> None:
+def _record_accepted(dest: Path, manifest: UnverifiedManifest, manifest_bytes: bytes) -> None:
     """Remember the newest signed manifest installed, so that an older one is refused later (never lowered)."""
     import hashlib
 
@@ -335,6 +328,6 @@ def _record_accepted(dest: Path, manifest: dict[str, Any], manifest_bytes: bytes
         accepted = json.loads(path.read_bytes())
     except (OSError, ValueError):
         accepted = {}
-    if not isinstance(accepted, dict) or _created(manifest) > _created(accepted):
-        atomic_write_json(path, {"created_unix": _created(manifest), "created": manifest.get("created"),
+    if not isinstance(accepted, dict) or manifest.created_unix > UnverifiedManifest.of(accepted).created_unix:
+        atomic_write_json(path, {"created_unix": manifest.created_unix, "created": manifest.created,
                                  "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()})
