@@ -137,12 +137,12 @@ def _permuted_converter(ctx: Any, out: Path) -> dict[str, Any]:
 
 def test_gate_refuses_a_faithless_graph_a_retrained_head_would_accept(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgetl.host import convert
     from edgetl.demo import demo_split
+    from edgetl.host import convert
     from edgetl.host.export import QuantizationAccuracyError, export
 
-    monkeypatch.setitem(convert.CONVERTERS, ("onnx", "int8"), ("tests.test_onnx_quant", "_permuted_converter",
-                                                               "extractor.int8.onnx", "host"))
+    monkeypatch.setitem(convert.CONVERTERS, ("image", "onnx", "int8"),
+                        ("tests.test_onnx_quant", "_permuted_converter", "extractor.int8.onnx", "host"))
     with pytest.raises(QuantizationAccuracyError, match="onnx/int8 failed: mean cosine to FP32") as info:
         export(tmp_path / "b", demo_split("train"), model="mobilenet_v2", precisions=("int8",), image_size=SMALL,
                calib_size=20, eval_size=100)
@@ -175,12 +175,12 @@ def test_int8_golden_check_refuses_a_wrong_graph(quant_bundle: Path, tmp_path: P
 
 
 def test_gate_refuses_a_graph_that_lost_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgetl.host import convert
     from edgetl.demo import demo_split
+    from edgetl.host import convert
     from edgetl.host.export import QuantizationAccuracyError, export
 
-    monkeypatch.setitem(convert.CONVERTERS, ("onnx", "fp16"), ("tests.test_onnx_quant", "_garbage_converter",
-                                                               "extractor.fp16.onnx", "host"))
+    monkeypatch.setitem(convert.CONVERTERS, ("image", "onnx", "fp16"),
+                        ("tests.test_onnx_quant", "_garbage_converter", "extractor.fp16.onnx", "host"))
     with pytest.raises(QuantizationAccuracyError, match="onnx/fp16 failed: .*accuracy drop points") as info:
         export(tmp_path / "b", demo_split("train"), model="mobilenet_v2", precisions=("fp16",), image_size=SMALL,
                calib_size=20, eval_size=100)
@@ -207,11 +207,11 @@ def test_gate_refuses_a_graph_that_lost_accuracy(tmp_path: Path, monkeypatch: py
 
 
 def test_cli_export_refusal_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgetl.host import convert
     from edgetl.cli import main
+    from edgetl.host import convert
 
-    monkeypatch.setitem(convert.CONVERTERS, ("onnx", "int8"), ("tests.test_onnx_quant", "_garbage_converter",
-                                                               "extractor.int8.onnx", "host"))
+    monkeypatch.setitem(convert.CONVERTERS, ("image", "onnx", "int8"),
+                        ("tests.test_onnx_quant", "_garbage_converter", "extractor.int8.onnx", "host"))
     res = CliRunner().invoke(main, ["export", "--model", "mobilenet_v2", "--out", str(tmp_path / "b"), "--quantize",
                                     "int8", "--image-size", str(SMALL), "--calib-size", "20", "--quiet"])
     assert res.exit_code == 1

@@ -166,13 +166,13 @@ def test_text_extractor_rejects_bad_input() -> None:
 
 @pytest.mark.host
 def test_text_export_is_onnx_only() -> None:
-    from edgetl.host.text_export import _precisions
+    from edgetl.host.text_export import text_targets
 
     with pytest.raises(DataError, match="ONNX only"):
-        _precisions(["openvino"], ["fp32"])
+        text_targets(["openvino"], ["fp32"])
     with pytest.raises(DataError, match="fp32 and int8"):
-        _precisions(["onnx"], ["fp16"])
-    assert _precisions(["onnx"], ["int8"]) == ["fp32", "int8"]
+        text_targets(["onnx"], ["fp16"])
+    assert text_targets(["onnx"], ["int8"]) == [("onnx", "fp32"), ("onnx", "int8")]
 
 
 # ------------------------------------------------------------------------------------------------------------ export

@@ -9,17 +9,23 @@ graph the device's current head and golden vectors were made with.
 
 Golden vectors of a reduced-precision graph are checked against the FP32 reference within a bound measured at export
 (:func:`golden_spec`): the host's own INT8 output is not what another CPU's integer kernels must reproduce.
+
+Every modality's graphs go through this one gate (:mod:`edgetl.host.export`); a graph that fails it is left out of
+the bundle and named by :class:`QuantizationAccuracyError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from edgetl.bundle import GoldenCheck
+from edgetl.errors import ExportValidationError
 from edgetl.heads import SoftmaxHead
 from edgetl.metrics import compare_embeddings
 
@@ -31,6 +37,16 @@ GOLDEN_FP32_TOLERANCE = dict(FP32_TOLERANCE)
 #: golden cosine minus this margin (other CPUs' integer / half-precision kernels round differently; a wrong graph or
 #: runtime loses far more: see README "Golden vectors across architectures")
 GOLDEN_MARGIN = 0.02
+
+
+class QuantizationAccuracyError(ExportValidationError):
+    """A reduced-precision graph failed the gate; ``report`` holds the per-graph figures and ``bundle`` the bundle
+    written with the graphs that passed (None when nothing was written)."""
+
+    def __init__(self, message: str, report: list[dict[str, Any]], bundle: Path | None = None):
+        super().__init__(message)
+        self.report = report
+        self.bundle = bundle
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,7 @@ class Gate:
                 "mean_cosine": float(row_cosines(self.ref_held, emb).mean()),
                 "top1_agreement": float((self._reference_predict(emb) == self.ref_pred).mean()),
                 "accuracy": accuracy, "accuracy_pytorch_fp32": self.ref_accuracy,
-                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": int(len(self.held)),
+                "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": len(self.held),
                 **({"group_drop_points": group_drops} if group_drops else {})}, emb
 
     def judge(self, report: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -159,15 +175,15 @@ class Gate:
         return report | {"passed": not failed, "reason": reason, "checks": [c.to_dict() for c in checks]}
 
 
-def golden_spec(precision: str, key: str, reference: np.ndarray, host_output: np.ndarray) -> dict[str, Any]:
-    """The manifest's ``golden`` entry of one graph.
+def golden_spec(precision: str, key: str, reference: np.ndarray, host_output: np.ndarray) -> GoldenCheck:
+    """The golden-vector check of one graph (its manifest entry's ``golden``).
 
     FP32: the device must reproduce PyTorch (``reference``) within :data:`GOLDEN_FP32_TOLERANCE`. Reduced precision:
     the device's output is compared with the FP32 reference too (``compare_to: pytorch``), and must reach the cosine the
     host measured for the same graph minus :data:`GOLDEN_MARGIN`; ``key`` names the host's own output (kept for
     diagnosis and for the graph's reference embeddings)."""
     if precision == "fp32":
-        return {"key": "pytorch", "tolerance": dict(GOLDEN_FP32_TOLERANCE)}
+        return GoldenCheck("pytorch", dict(GOLDEN_FP32_TOLERANCE))
     measured = float(row_cosines(reference, host_output).min())
-    return {"key": key, "compare_to": "pytorch", "host_min_cosine": round(measured, 5),
-            "tolerance": {"min_cosine": round(max(0.0, measured - GOLDEN_MARGIN), 4)}}
+    return GoldenCheck(key, {"min_cosine": round(max(0.0, measured - GOLDEN_MARGIN), 4)}, compare_to="pytorch",
+                       host_min_cosine=round(measured, 5))
