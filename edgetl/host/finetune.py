@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,37 @@ def _load_checkpoint(path: Path, cfg: FinetuneConfig, classes: list[str]) -> dic
     return state
 
 
+@dataclass
+class _Training:
+    """The network, what steps it, and the data it steps through."""
+
+    model: Backbone
+    net: nn.Module  #: the model, wrapped in DistributedDataParallel when several processes train
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_set: _Images
+    sampler: torch.utils.data.DistributedSampler[Any]
+    train_loader: torch.utils.data.DataLoader[Any]
+    val_loader: torch.utils.data.DataLoader[Any]
+
+
+@dataclass
+class _Record:
+    """The run so far: per-epoch metrics, the best score and weights, the first epoch still to train."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    first: int = 1
+    resumed: bool = False
+
+    def add(self, record: dict[str, float], model: nn.Module) -> None:
+        self.history.append(record)
+        score = record.get("val_accuracy", record["train_accuracy"])
+        if score > self.best_acc:
+            self.best_acc, self.best_state = score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def finetune(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: FinetuneConfig,
              progress: Progress | None = None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the ImageFolder ``data``; write the run to ``out``; return the metrics.
@@ -212,17 +243,55 @@ def finetune(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Fin
         raise DataError(f"batch size {cfg.batch_size} does not split over {world} processes; pass a multiple of "
                         f"{world}")
     torch.manual_seed(cfg.seed)
+    spec, pp = _image_backbone(cfg)
+    folder = scan_image_folder(data)
+    train_idx, val_idx = stratified_split(folder.labels, cfg.val_split, cfg.seed)
+    if len(train_idx) == 0:
+        raise DataError(f"{folder.root}: no training images left after the validation split")
+    t = _setup(cfg, spec, pp, folder, train_idx, val_idx, rank, world, device)
+    checkpoint = Path(out) / "checkpoint.pt"
+    run = _resume(t, _load_checkpoint(checkpoint, cfg, list(folder.classes)) if resume else None)
+    if not run.resumed and cfg.linear_probe and cfg.freeze != "head":
+        _linear_probe(t.model, folder, train_idx, pp, device, cfg.seed, cfg.batch_size)
+    start = time.perf_counter()
+    for epoch in range(run.first, cfg.epochs + 1):
+        record = _train_epoch(t, epoch, cfg.epochs, device, progress)
+        if len(val_idx):
+            record["val_loss"], record["val_accuracy"] = _evaluate(t.net, t.val_loader, device)
+        run.add(record, t.model)
+        if rank == 0:
+            _save_checkpoint(checkpoint, {"epoch": epoch, "model": t.model.state_dict(), "optimizer":
+                                          t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                                          "history": run.history, "best_acc": run.best_acc, "best_state":
+                                          run.best_state, "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+                                          "classes": list(folder.classes)})
+    assert run.best_state is not None
+    t.model.load_state_dict(run.best_state)
+    summary = {"history": run.history, "best_val_accuracy": run.best_acc if len(val_idx) else None,
+               "n_train": len(train_idx), "n_val": len(val_idx)}
+    if rank != 0:
+        return summary | {"rank": rank, "world_size": world}
+    _write_run(Path(out), t.model, spec, pp, folder, cfg, train_idx)
+    metrics = summary | {"seconds": round(time.perf_counter() - start, 2), "world_size": world,
+                         "resumed_from_epoch": run.first - 1 if run.resumed else None}
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def _image_backbone(cfg: FinetuneConfig) -> tuple[BackboneSpec, Preprocessing]:
+    """The registry entry of ``cfg.model`` (an image backbone) and its preprocessing at ``cfg.image_size``."""
     spec: BackboneSpec = get_backbone(cfg.model)
     if spec.modality != "image":
         raise DataError(f"{spec.id} is a {spec.modality} encoder; host fine-tuning covers image backbones only — export "
                         f"it as it is (edgetl export --model {spec.id}) and train a head on the device")
     pp = spec.preprocessing if cfg.image_size in (None, spec.preprocessing.input_size) else \
         spec.preprocessing.with_size(int(cfg.image_size))  # type: ignore[arg-type]
-    folder = scan_image_folder(data)
-    train_idx, val_idx = stratified_split(folder.labels, cfg.val_split, cfg.seed)
-    if len(train_idx) == 0:
-        raise DataError(f"{folder.root}: no training images left after the validation split")
+    return spec, pp  # type: ignore[return-value]
 
+
+def _setup(cfg: FinetuneConfig, spec: BackboneSpec, pp: Preprocessing, folder: ImageFolder, train_idx: np.ndarray,
+           val_idx: np.ndarray, rank: int, world: int, device: torch.device) -> _Training:
+    """The network with a new classifier, its optimizer and cosine schedule, and the (distributed) data loaders."""
     model = build_backbone(spec)
     model.replace_classifier(len(folder.classes))
     model.to(device)
@@ -241,61 +310,48 @@ def finetune(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Fin
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Training(model, net, optimizer, scheduler, train_set, sampler, train_loader, val_loader)
 
-    history: list[dict[str, float]] = []
-    best_acc, best_state = -1.0, None
-    first = 1
-    out = Path(out)
-    checkpoint = out / "checkpoint.pt"
-    saved = _load_checkpoint(checkpoint, cfg, list(folder.classes)) if resume else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        history, best_acc, best_state = list(saved["history"]), float(saved["best_acc"]), saved["best_state"]
-        first = int(saved["epoch"]) + 1
-        torch.set_rng_state(saved["torch_rng"])
-    elif cfg.linear_probe and cfg.freeze != "head":
-        _linear_probe(model, folder, train_idx, pp, device, cfg.seed, cfg.batch_size)
-    start = time.perf_counter()
-    for epoch in range(first, cfg.epochs + 1):
-        net.train()
-        _freeze_batchnorm(net)
-        sampler.set_epoch(epoch)
-        train_set.epoch = epoch
-        loss_sum, correct, n = 0.0, 0, 0
-        for step, (x, y) in enumerate(train_loader, 1):
-            x, y = x.to(device), y.to(device)
-            logits = net(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-            progress(f"epoch {epoch}/{cfg.epochs}", step, len(train_loader))
-        loss_sum, correct, n = _sum_over_ranks([loss_sum, correct, n], device)
-        record = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}
-        if len(val_idx):
-            record["val_loss"], record["val_accuracy"] = _evaluate(net, val_loader, device)
-        history.append(record)
-        score = record.get("val_accuracy", record["train_accuracy"])
-        if score > best_acc:
-            best_acc, best_state = score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if rank == 0:
-            _save_checkpoint(checkpoint, {"epoch": epoch, "model": model.state_dict(), "optimizer":
-                                          optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                          "history": history, "best_acc": best_acc, "best_state": best_state,
-                                          "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
-                                          "classes": list(folder.classes)})
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    if rank != 0:
-        return {"history": history, "best_val_accuracy": best_acc if len(val_idx) else None,
-                "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "rank": rank, "world_size": world}
 
+def _resume(t: _Training, saved: dict[str, Any] | None) -> _Record:
+    """The run so far: a fresh one, or the checkpoint's (weights, optimizer, schedule and RNG restored)."""
+    if saved is None:
+        return _Record()
+    t.model.load_state_dict(saved["model"])
+    t.optimizer.load_state_dict(saved["optimizer"])
+    t.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return _Record(list(saved["history"]), float(saved["best_acc"]), saved["best_state"], int(saved["epoch"]) + 1,
+                   resumed=True)
+
+
+def _train_epoch(t: _Training, epoch: int, epochs: int, device: torch.device, progress: Progress) -> dict[str, float]:
+    """One epoch over this process's share of the training images; loss and accuracy summed over processes."""
+    t.net.train()
+    _freeze_batchnorm(t.net)
+    t.sampler.set_epoch(epoch)
+    t.train_set.epoch = epoch
+    loss_sum, correct, n = 0.0, 0, 0
+    for step, (x, y) in enumerate(t.train_loader, 1):
+        x, y = x.to(device), y.to(device)
+        logits = t.net(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.scheduler.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+        progress(f"epoch {epoch}/{epochs}", step, len(t.train_loader))
+    loss_sum, correct, n = _sum_over_ranks([loss_sum, correct, n], device)
+    return {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}
+
+
+def _write_run(out: Path, model: Backbone, spec: BackboneSpec, pp: Preprocessing, folder: ImageFolder,
+               cfg: FinetuneConfig, train_idx: np.ndarray) -> None:
+    """``out/model.safetensors`` (the whole network) and ``out/run.json`` (backbone, classes, preprocessing, settings,
+    data, training images)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -304,12 +360,6 @@ def finetune(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Fin
            "config": asdict(cfg), "data": str(folder.root), "train_images": [str(folder.samples[i].path)
                                                                           for i in train_idx]}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-    metrics = {"history": history, "best_val_accuracy": best_acc if len(val_idx) else None,
-               "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-               "seconds": round(time.perf_counter() - start, 2), "world_size": world,
-               "resumed_from_epoch": first - 1 if saved is not None else None}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return metrics
 
 
 def load_run(run: str | os.PathLike[str]) -> tuple[Backbone, BackboneSpec, Preprocessing, list[str]]:

@@ -201,62 +201,17 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
     """
     items = _calibration_items(ctx.calib, ctx.input_size)
     try:
-        from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
+        from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe  # noqa: F401 - fail early
     except ImportError as exc:
         raise RuntimeMissingError(f"TFLite INT8 export needs {exc.name or 'ai-edge-quantizer'}; {_INSTALL}") from exc
-    import re
-
     out_path = Path(out_path)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     fp32_path = ctx.workdir / FP32_INTERMEDIATE
     fp32 = to_fp32(ctx, fp32_path)
-    signature, arg = fp32["signature"], fp32["input_arg"]
-    if signature is None or arg is None:
+    if fp32["signature"] is None or fp32["input_arg"] is None:
         raise ExportValidationError(f"{fp32_path.name} has no signature to calibrate through; cannot quantize it")
-    calib = np.concatenate(items)
-
-    def quantizer_for(float_convs: list[dict[str, Any]]) -> Any:
-        q = quantizer.Quantizer(str(fp32_path), getattr(recipe, INT8_RECIPE)())
-        for conv in float_convs:  # later recipe entries win: these ops are left unquantized
-            q.update_quantization_recipe("^" + re.escape(conv["scope"]) + "$",
-                                         qtyping.TFLOperationName.ALL_SUPPORTED,
-                                         algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
-        return q
-
-    def write(q: Any, ranges: Any, path: Path) -> None:
-        result = q.quantize(ranges, enable_progress_bar=False, enable_progress_report=False)
-        path.unlink(missing_ok=True)
-        result.export_model(str(path))
-
     start = time.perf_counter()
-    trials: list[Path] = []
-
-    def trial(k: int) -> Path:
-        path = ctx.workdir / f"tflite_int8_float{k}.tflite"
-        trials.append(path)
-        write(quantizer_for(convs[:k]), ranges, path)
-        return path
-
-    try:
-        convs = conv_scopes(fp32_path)
-        reference = _embed(fp32_path, calib)
-        with _quiet():
-            # activation ranges of every tensor, calibrated once and reused by every trial
-            ranges = quantizer_for([]).calibrate({signature: [{arg: item} for item in items]},
-                                                 num_threads=min(os.cpu_count() or 1, 16))
-            search = first_float_convs(trial, lambda path: _embed(path, calib), reference,
-                                       candidates(INT8_FLOAT_CONVS, len(convs)), INT8_CALIB_COSINE)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.unlink(missing_ok=True)
-        shutil.move(str(search.quantized), str(out_path))
-    except EdgeTLError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises ValueError/RuntimeError of its own
-        raise ExportValidationError(f"ai-edge-quantizer {INT8_RECIPE} quantization of {fp32_path.name} failed "
-                                    f"({type(exc).__name__}: {one_line(exc)})") from exc
-    finally:
-        for path in trials:
-            path.unlink(missing_ok=True)
+    search, convs = _mixed_precision(ctx, fp32_path, fp32, items, out_path)
     seconds = time.perf_counter() - start
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ExportValidationError(f"ai-edge-quantizer did not write {out_path}")
@@ -275,3 +230,57 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
             "int8_input": graph["input"]["dtype"] == "int8", "int8_output": graph["output"]["dtype"] == "int8",
             "input": graph["input"], "output": graph["output"], "fp32_convert_seconds": fp32["convert_seconds"],
             "quantize_seconds": round(seconds, 2)} | search.record(INT8_CALIB_COSINE)
+
+
+def _quantizer(fp32_path: Path, float_convs: list[dict[str, Any]]) -> Any:
+    """An ai-edge-quantizer of the FP32 graph with recipe :data:`INT8_RECIPE`, leaving ``float_convs`` unquantized."""
+    import re
+
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
+
+    q = quantizer.Quantizer(str(fp32_path), getattr(recipe, INT8_RECIPE)())
+    for conv in float_convs:  # later recipe entries win: these ops are left unquantized
+        q.update_quantization_recipe("^" + re.escape(conv["scope"]) + "$", qtyping.TFLOperationName.ALL_SUPPORTED,
+                                     algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
+    return q
+
+
+def _mixed_precision(ctx: ExportContext, fp32_path: Path, fp32: dict[str, Any], items: list[np.ndarray],
+                     out_path: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """Calibrate the activation ranges once, quantize with the first ``k`` convolutions left float for each ``k`` the
+    search tries, and move the chosen graph to ``out_path``; return the search and the graph's convolutions."""
+    calib = np.concatenate(items)
+    trials: list[Path] = []
+    ranges: Any = None
+
+    def trial(k: int) -> Path:
+        path = ctx.workdir / f"tflite_int8_float{k}.tflite"
+        trials.append(path)
+        result = _quantizer(fp32_path, convs[:k]).quantize(ranges, enable_progress_bar=False,
+                                                           enable_progress_report=False)
+        path.unlink(missing_ok=True)
+        result.export_model(str(path))
+        return path
+
+    try:
+        convs = conv_scopes(fp32_path)
+        reference = _embed(fp32_path, calib)
+        with _quiet():
+            # activation ranges of every tensor, calibrated once and reused by every trial
+            ranges = _quantizer(fp32_path, []).calibrate({fp32["signature"]: [{fp32["input_arg"]: item}
+                                                                                for item in items]},
+                                                          num_threads=min(os.cpu_count() or 1, 16))
+            search = first_float_convs(trial, lambda path: _embed(path, calib), reference,
+                                       candidates(INT8_FLOAT_CONVS, len(convs)), INT8_CALIB_COSINE)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.unlink(missing_ok=True)
+        shutil.move(str(search.quantized), str(out_path))
+    except EdgeTLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises ValueError/RuntimeError of its own
+        raise ExportValidationError(f"ai-edge-quantizer {INT8_RECIPE} quantization of {fp32_path.name} failed "
+                                    f"({type(exc).__name__}: {one_line(exc)})") from exc
+    finally:
+        for path in trials:
+            path.unlink(missing_ok=True)
+    return search, convs
