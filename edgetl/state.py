@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgetl._atomic import atomic_write, atomic_write_json
+from edgetl._lock import lock_exclusive
 from edgetl.errors import StateError
 from edgetl.heads import Head
 
@@ -159,33 +160,18 @@ class DeviceState:
     @contextlib.contextmanager
     def writer(self, timeout: float = 0.0) -> Iterator[None]:
         """Hold the exclusive writer lock; wait up to ``timeout`` seconds for another writer, then fail clearly."""
-        import fcntl
-
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fh = open(self.folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+            fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                         0o666)
         except OSError as exc:
             raise StateError(_write_error(exc, self.folder)) from exc
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        fh.seek(0)
-                        holder = fh.read().strip() or "another process"
-                        raise StateError(f"another trainer ({holder}) is changing {self.folder.parent}; wait for it "
-                                         "or pass --wait SECONDS") from None
-                    time.sleep(0.05)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
+            lock_exclusive(fd, timeout, lambda holder: StateError(
+                f"another trainer ({holder}) is changing {self.folder.parent}; wait for it or pass --wait SECONDS"))
             yield
         finally:
-            fh.close()  # releases the lock
+            os.close(fd)  # releases the lock
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -153,7 +154,7 @@ class EmbeddingStore:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
 
-    def __enter__(self) -> EmbeddingStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -2,8 +2,8 @@
 ``pip install 'edgetl[stream]'``, which brings ``opencv-python-headless``; imported only when a stream is opened).
 
 Every ``every``-th frame (frames 0, N, 2N, …) is classified by the current head — calibrated probability, unknown
-flag, novelty and rolling drift as in ``watch``; frames of a video file are embedded in batches, camera frames one by
-one (latency first). No torch.
+flag, novelty and rolling drift through the same :class:`edgetl.prediction.Predictor` as ``watch`` and ``device
+predict``; frames of a video file are embedded in batches, camera frames one by one (latency first). No torch.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgetl.errors import DataError, RuntimeMissingError
-from edgetl.watch import LiveHead
 
 if TYPE_CHECKING:
     from edgetl.device import DeviceRuntime
+    from edgetl.prediction import Predictor
 
 
 def _cv2() -> Any:
@@ -70,7 +70,7 @@ def stream_predictions(runtime: DeviceRuntime, camera: int | None = None, video:
         raise DataError(f"--every must be at least 1, found {every}")
     cv2 = _cv2()
     cap = open_capture(camera, video)
-    live = LiveHead(runtime)
+    live = runtime.predictor()
     live.refresh()
     size = batch_size or (runtime.batch_size if video is not None else 1)
     emitted, index = 0, -1
@@ -100,12 +100,12 @@ def stream_predictions(runtime: DeviceRuntime, camera: int | None = None, video:
         cap.release()
 
 
-def _flush(runtime: DeviceRuntime, live: LiveHead, pending: list[tuple[int, float, np.ndarray]]
+def _flush(runtime: DeviceRuntime, live: Predictor, pending: list[tuple[int, float, np.ndarray]]
            ) -> Iterator[dict[str, Any]]:
-    rows = live.classify(runtime.embed_images([f for _, _, f in pending]))
+    predictions = live.classify(runtime.embed_images([f for _, _, f in pending]))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for (index, pos_ms, _), row in zip(pending, rows):
-        yield {"frame": index, "pos_ms": round(pos_ms, 3)} | row | {"time": stamp}
+    for (index, pos_ms, _), prediction in zip(pending, predictions):
+        yield {"frame": index, "pos_ms": round(pos_ms, 3)} | prediction.as_record() | {"time": stamp}
 
 
 __all__ = ["open_capture", "stream_predictions"]

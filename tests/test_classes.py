@@ -29,7 +29,7 @@ def test_add_class_without_forgetting(bundle: Path, demo_train: Path, demo_test:
     rt2 = DeviceRuntime(b2)
     rt2.train(make_folder(tmp_path / "five", {c: 30 for c in FIVE}, demo_train), head="ncm")
     runner = CliRunner()
-    for name in sorted(set(p.name for p in demo_train.iterdir()) - set(FIVE)):
+    for name in sorted({p.name for p in demo_train.iterdir()} - set(FIVE)):
         res = runner.invoke(main, ["device", "add-class", str(b2), name, "--data", str(demo_train / name)])
         assert res.exit_code == 0, res.stderr
     stepwise = DeviceRuntime(b2).evaluate(demo_test)
@@ -43,7 +43,7 @@ def test_remove_and_rename(bundle: Path, demo_train: Path, demo_test: Path) -> N
     removed = rt.remove_class("bag")
     assert "bag" not in removed.classes and len(removed.classes) == 9
     version = rt.rename_class("coat", "jacket")
-    head, labels, current = rt.load_current_head()
+    _, labels, current = rt.load_current_head()
     assert current == version and "jacket" in labels and "coat" not in labels
     res = CliRunner().invoke(main, ["device", "predict", str(bundle), str(next((demo_test / "coat").glob("*.png"))),
                                     "--json"])

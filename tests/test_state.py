@@ -81,9 +81,9 @@ def test_second_trainer_fails_clearly_and_readers_go_on(bundle: Path, demo_train
         res = CliRunner().invoke(main, ["device", "train", str(bundle), "--data", str(demo_train), "--quiet"])
         assert res.exit_code == 1 and "another trainer" in res.stderr
         assert rt.predict([next(demo_test.glob("*/*.png"))])[0]["head_version"] == "v0001"
-    with pytest.raises(StateError, match="another trainer"):
-        with rt.state.writer(), DeviceRuntime(bundle).state.writer(timeout=0.2):
-            pass
+    with pytest.raises(StateError, match="another trainer"), rt.state.writer(), \
+            DeviceRuntime(bundle).state.writer(timeout=0.2):
+        pass
 
 
 def test_full_disk_keeps_the_previous_head(bundle: Path, demo_train: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +110,7 @@ def test_a_reader_started_during_train_never_wipes_the_store(bundle: Path, demo_
     later = make_folder(tmp_path / "b", {"bag": 8, "sandal": 8}, demo_train)  # 8 new sandal images
     DeviceRuntime(bundle).train(first)
     reader, writer = DeviceRuntime(bundle), DeviceRuntime(bundle)
-    embed = reader.embed_items
+    embed = reader.embedder.embed_items
     trained = []
 
     def train_meanwhile(items: list) -> object:  # drift is embedding (its store is open) when train runs to the end
@@ -118,12 +118,12 @@ def test_a_reader_started_during_train_never_wipes_the_store(bundle: Path, demo_
             trained.append(writer.train(later, incremental=True, force=True))
         return embed(items)
 
-    reader.embed_items = train_meanwhile  # type: ignore[method-assign]
+    reader.embedder.embed_items = train_meanwhile  # type: ignore[method-assign]
     reader.drift(demo_test / "shirt")
     assert trained and trained[0].version == "v0002"
     rt = DeviceRuntime(bundle)
-    _, keys, _, classes = rt._training_set()  # every training embedding of the new head is still stored
-    assert len(keys) == 32 and "sandal" in classes  # the 8 bag images are the same ones
+    stored = rt.training_set()  # every training embedding of the new head is still stored
+    assert len(stored.keys) == 32 and "sandal" in stored.classes  # the 8 bag images are the same ones
     assert rt.add_class("trouser", demo_train / "trouser").version == "v0003"
     assert rt.store_info()["files"][0]["embeddings"] >= 32 + 30 + len(list((demo_test / "shirt").glob("*.png")))
 

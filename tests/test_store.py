@@ -65,9 +65,8 @@ def test_store_retain_persists(tmp_path: Path) -> None:
 
 def test_train_with_budget_keeps_a_reservoir(bundle: Path, demo_train: Path, tmp_path: Path) -> None:
     budget = 3
-    from tests.conftest import make_folder
-
     from edgetl.device import DeviceRuntime
+    from tests.conftest import make_folder
 
     first = make_folder(tmp_path / "a", {"bag": 8, "dress": 8}, demo_train)
     more = make_folder(tmp_path / "b", {"coat": 6}, demo_train)
@@ -180,7 +179,8 @@ def test_a_damaged_store_is_set_aside_not_deleted(tmp_path: Path, caplog: pytest
 
     code = (f"from edgetl.store import EmbeddingStore; from pathlib import Path; "
             f"EmbeddingStore(Path({str(again)!r}), {SHA!r}).close()")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    err = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=60).stderr
     assert "damaged" in err, err
     aside = list(tmp_path.glob(f"{SHA[:16]}.sqlite.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")

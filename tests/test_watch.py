@@ -342,18 +342,19 @@ def test_unreadable_journal_lines_are_skipped(tmp_path: Path, caplog: pytest.Log
            b'{"file": "e.png", "size": 1, "mtime_ns": 1, "moved_to": 5}', b"x" * (2 << 20)]
     journal.write_bytes(b"\n".join([json.dumps(good).encode(), *bad, json.dumps(good | {"file": "z.png"}).encode()])
                         + b"\n")
-    import edgetl.watch
-    from tests.conftest import LogLines
-
     import subprocess
     import sys
 
+    import edgetl.journal
+    from tests.conftest import LogLines
+
     code = (f"from edgetl.watch import Journal; from pathlib import Path; "
             f"Journal(Path({str(journal)!r}), owned=False).close()")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    err = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=60).stderr
     # read in a fresh process: log capture in this one depends on what earlier tests' libraries did
     assert err.count("not a watch record") == len(bad) and "longer than" in err, err
-    with LogLines(edgetl.watch.log):
+    with LogLines(edgetl.journal.log):
         j = Journal(journal, owned=False)
     assert sorted(k.split("\x00")[0] for k in j.done) == ["a.png", "z.png"]
     j.append([good | {"file": "new.png"}])
