@@ -132,7 +132,7 @@ def _expected(rt: Any, result: dict[str, Any]) -> dict[str, Any] | None:
 
     providers = result.get("providers") or []
     unit = "gpu" if providers and providers[0] in GPU_PROVIDERS else "cpu"
-    exp = expected_latency(rt.profile, str((rt.bundle.manifest.get("backbone") or {}).get("id", "")), rt.backend, rt.precision,
+    exp = expected_latency(rt.profile, rt.bundle.manifest.backbone.id, rt.backend, rt.precision,
                            int(rt.bundle.preprocessing.input_size), unit=unit, threads=result.get("threads"),
                            measured_ms=result.get("latency_ms_p50"))
     return None if exp is None else exp.as_dict() | {"line": exp.line()}

@@ -14,7 +14,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgetl.bundle import Manifest
 
 #: what an export writes when neither the options nor a profile say
 DEFAULT_FORMATS = ("onnx",)
@@ -64,23 +67,23 @@ class ExportResult:
     graphs failed the gate, the refusal to raise once the bundle (holding the graphs that passed) is finished."""
 
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     signature: Path | None = None
     refused: Exception | None = None
 
     @property
     def backbone(self) -> str:
-        return str(self.manifest["backbone"]["id"])
+        return self.manifest.backbone.id
 
     @property
     def input_size(self) -> str:
         """``64 px`` for an image encoder, ``128 tokens`` for a text encoder."""
-        pp = self.manifest["preprocessing"]
+        pp = self.manifest.preprocessing
         return f"{pp['input_size']} px" if "input_size" in pp else f"{pp['max_length']} tokens"
 
     @property
     def extractors(self) -> list[dict[str, Any]]:
-        return list(self.manifest["extractors"])
+        return [e.raw for e in self.manifest.extractors]
 
 
 def export_bundle(out: str | os.PathLike[str], *, model: str | None = None, run: str | os.PathLike[str] | None = None,
@@ -109,8 +112,9 @@ def export_bundle(out: str | os.PathLike[str], *, model: str | None = None, run:
         from edgetl.signing import sign_bundle
 
         signature = sign_bundle(bundle, sign_key)
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-    return ExportResult(Path(bundle), manifest, signature, refused)
+    from edgetl.bundle import Bundle
+
+    return ExportResult(Path(bundle), Bundle.load(bundle, verify=False).manifest, signature, refused)
 
 
 __all__ = ["DEFAULT_FORMATS", "DEFAULT_PRECISIONS", "ExportResult", "calibration_data", "export_bundle",

@@ -142,7 +142,7 @@ class GraphBuilder:
         return self.op(op_type, x, axes=list(axes), keepdims=keepdims)  # type: ignore[no-any-return]
 
     def l2_normalise(self, x: str) -> str:
-        """``x / max(||x||, 1e-12)`` row-wise, as :func:`edgetl.heads.prototype._normalise`."""
+        """``x / max(||x||, 1e-12)`` row-wise, as :func:`edgetl.heads.base.l2_normalise`."""
         norm = self.op("Sqrt", self.reduce("ReduceSum", self.op("Mul", x, x), [1]))
         return self.op("Div", x, self.op("Max", norm, self.const(np.float32(1e-12))))  # type: ignore[no-any-return]
 
@@ -306,7 +306,7 @@ def model_metadata(bundle: Any, entry: Any, head: Any, labels: Sequence[str], ve
     from edgetl.registry import sha256_file
 
     m = bundle.manifest
-    pp = dict(m["preprocessing"])
+    pp = dict(m.preprocessing)
     size = int(pp["input_size"])
     if with_preprocessing:
         graph_input = {"name": PIXELS, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3],
@@ -331,8 +331,8 @@ def model_metadata(bundle: Any, entry: Any, head: Any, labels: Sequence[str], ve
         "channel_order": graph_input["channels"],
         "layout": graph_input["layout"],
         "preprocessing_in_graph": json.dumps(with_preprocessing),
-        "backbone_id": str(m["backbone"].get("id", "")),
-        "backbone_weights_sha256": str(m["backbone"].get("weights_sha256") or ""),
+        "backbone_id": m.backbone.id,
+        "backbone_weights_sha256": m.backbone.weights_sha256 or "",
         "head_version": version,
         "head_kind": kind,
         "temperature": json.dumps(temperature),
@@ -656,7 +656,7 @@ def _head_precision(bundle: str | os.PathLike[str], version: str | None) -> str 
     try:
         b = Bundle.load(bundle, verify=False)
         state = DeviceState(b.state_dir)
-        name = version or state.current() or (BUNDLE_HEAD if b.manifest.get("head") else None)
+        name = version or state.current() or (BUNDLE_HEAD if b.manifest.head is not None else None)
         if name == BUNDLE_HEAD:  # the host's head belongs to the FP32 graph it was checked with
             return "fp32" if any(e.format == "onnx" and e.precision == "fp32" for e in b.extractors()) else None
         owner = state.meta(name).get("extractor") if name else None

@@ -45,7 +45,7 @@ def choose(bundle: Bundle, backend: str | None = None, precision: str | None = N
             if not match:
                 continue
             entry = match[0]
-            if entry.raw.get("failed") and not (backend and precision):
+            if entry.failed and not (backend and precision):
                 continue
             first = (prof.backends[0], prof.precision)
             reason = f"profile {prof.id} prefers {first[0]}/{first[1]}"
@@ -54,17 +54,17 @@ def choose(bundle: Bundle, backend: str | None = None, precision: str | None = N
                             "is not installed here" if first[0] not in installed else "this bundle lacks")
             providers = list(prof.onnx_providers) if b == "onnx" else None
             return Choice(entry, prof, cap_threads(threads) or (prof.threads or None), providers, reason)
-    have = ", ".join(f"{e.format}/{e.precision}" + (" (failed)" if e.raw.get("failed") else "") for e in entries)
+    have = ", ".join(f"{e.format}/{e.precision}" + (" (failed)" if e.failed else "") for e in entries)
     wanted = f"{backend or 'any backend'}/{precision or 'any precision'}"
     if backend is None and not installed:
         raise RuntimeMissingError("no inference runtime is installed; install one: pip install 'edgetl[onnx]'")
     extras = sorted({BACKENDS[e.format][3] for e in entries if e.format in BACKENDS} - set(installed))
     hint = f"; or install a runtime for them: pip install 'edgetl[{','.join(extras)}]'" if extras else ""
-    failed = [e for e in entries if e.raw.get("failed") and e.format in installed and
+    failed = [e for e in entries if e.failed and e.format in installed and
               (backend in (None, e.format)) and (precision in (None, e.precision))]
     if failed:  # a failed graph is used only when named exactly: say how, and what that means
         e = failed[0]
-        why = e.raw.get("report", {}).get("reason", "see `edgetl device info`")
+        why = e.reason or "see `edgetl device info`"
         hint += (f"; {e.format}/{e.precision} failed the export gate ({why}): to use it anyway, name it with "
                  f"--backend {e.format} --precision {e.precision}")
     raise BundleError(f"bundle {bundle.path} has no usable {wanted} extractor for the runtimes installed here "

@@ -185,10 +185,9 @@ def _fake_exporter(monkeypatch: pytest.MonkeyPatch, calls: list[dict[str, Any]],
         calls.append({"out": out, "calib": calib, **kwargs})
         out = Path(out)
         out.mkdir(parents=True)
-        manifest = {"backbone": {"id": "mobilenet_v2"}, "preprocessing": {"input_size": 64},
-                    "extractors": [{"format": "onnx", "precision": "fp32", "file": "extractor.onnx",
-                                    "report": {"passed": True}}]}
-        (out / "manifest.json").write_text(json.dumps(manifest))
+        # a real exporter's manifest (the committed 64-px MobileNetV2 bundle: one onnx/fp32 graph)
+        (out / "manifest.json").write_bytes((Path(__file__).parent / "data" / "device-bundle" / "mnv2-64" /
+                                             "manifest.json").read_bytes())
         if refuse:
             raise _Refused("without the failed graphs (onnx/int8 failed: too far)", out if written else None)
         return out
