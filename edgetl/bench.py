@@ -151,10 +151,10 @@ def _head_figures(rt: Any) -> dict[str, Any]:
     if version is None:
         return none
     try:
-        X, _, labels, _ = rt._training_set()
+        X, _, labels, _ = rt.training_set()
     except EdgeTLError:
         return none
-    kind, params = rt._current_head_spec()
+    kind, params = rt.versions.head_spec()
     start = time.perf_counter()
     make_head(kind, **params).fit(X, labels)
     fit_s = time.perf_counter() - start

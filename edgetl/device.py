@@ -280,26 +280,6 @@ class DeviceRuntime:
                 "preprocessing": m["preprocessing"], "extractors": m["extractors"], "labels": m.get("labels"),
                 "current_head": version, "current_head_meta": current}
 
-    # ------------------------------------------------------------------------- names other modules still call
-    def _log(self, action: str, **fields: Any) -> None:
-        self.versions.log(action, **fields)
-
-    def _load_version(self, version: str) -> tuple[Head, list[str]]:
-        return self.versions.load(version)
-
-    def _training_set(self) -> LabelledEmbeddings:
-        return self.training.training_set()
-
-    def _current_head_spec(self) -> tuple[str, dict[str, Any]]:
-        return self.versions.head_spec()
-
-    def _fit_version(self, X: np.ndarray, keys: np.ndarray, y: np.ndarray, classes: list[str], head: str,
-                     val_split: float, seed: int, tolerance: float, force: bool, head_params: dict[str, Any],
-                     source: str, retention: dict[str, Any] | None = None) -> TrainReport:
-        return self.training.fit_version(LabelledEmbeddings(X, keys, y, classes), head, val_split=val_split,
-                                         seed=seed, tolerance=tolerance, force=force, head_params=head_params,
-                                         source=source, retention=retention)
-
 
 def _check_replay(bundle: Bundle) -> None:
     """A signed bundle older than one this device already accepted is a replay: refuse it; else record it."""

@@ -543,7 +543,7 @@ def _head_version(rt: Any, version: str | None, novelty: bool) -> _HeadVersion:
     if name is None:
         raise StateError(f"bundle {rt.bundle.path} has no head yet; train one: edgetl device train "
                          f"{rt.bundle.path} --data DIR")
-    head, labels = rt._load_version(name)  # checks that the head belongs to this extractor
+    head, labels = rt.versions.load(name)  # checks that the head belongs to this extractor
     meta = rt.state.meta(name) if name != BUNDLE_HEAD else {}
     nov = rt.novelty_model(name) if novelty else None
     if novelty and nov is None:

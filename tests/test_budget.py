@@ -96,7 +96,7 @@ def test_zero_2w_runtime_takes_the_budget(bundle: Path) -> None:
     zero = get_profile("raspberry-pi-zero-2w")
     rt = DeviceRuntime(bundle, profile=zero.id, threads=1)
     assert rt.memory is not None and rt.memory.budget_mb == zero.memory_budget_mb
-    allowed = memory_settings(zero.memory_budget_mb, rt._input_size(), rt.bundle.feature_dim,
+    allowed = memory_settings(zero.memory_budget_mb, int(rt.bundle.preprocessing.input_size), rt.bundle.feature_dim,
                               max_batch=zero.batch_size)
     assert rt.memory == allowed and rt.batch_size <= allowed.batch_size
     options = rt.extractor.session.get_session_options()  # type: ignore[attr-defined]

@@ -131,7 +131,7 @@ def test_float_input_graph_with_novelty_and_named_version(heads_bundle: tuple[Pa
     assert result.check.n_golden == 2 and result.outputs == ["probabilities", "novelty", "unknown"]
     assert result.check.max_novelty_rel_diff is not None and result.check.max_novelty_rel_diff <= 1e-3
     rt = DeviceRuntime(bundle)
-    head, _ = rt._load_version(versions["softmax"])
+    head, _ = rt.versions.load(versions["softmax"])
     novelty = rt.novelty_model(versions["softmax"])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]

@@ -177,7 +177,7 @@ def device(bundle: Path, demo_train: Path, tmp_path: Path) -> Path:
 def test_adopt_head_checks_extractor_labels_and_gate(device: Path, tmp_path: Path) -> None:
     runtime = DeviceRuntime(device)
     _, classes, version = runtime.load_current_head()
-    X, _, y, _ = runtime._training_set()
+    X, _, y, _ = runtime.training_set()
     good = NCMHead().fit(X, y)
     good.save(tmp_path / "good.npz")
     with pytest.raises(BundleError, match="install the fleet's bundle"):
@@ -228,7 +228,7 @@ def test_cli_adopt_verifies_the_head_file(device: Path, tmp_path: Path) -> None:
 
     bundle = device
     runtime = DeviceRuntime(bundle)
-    X, _, y, classes = runtime._training_set()
+    X, _, y, classes = runtime.training_set()
     out = tmp_path / "fleet-head"
     out.mkdir()
     NCMHead().fit(X, y).save(out / "head.npz")

@@ -172,7 +172,7 @@ def check_invariant(bundle: Path) -> list[str]:
     except Exception as exc:  # noqa: BLE001
         problems.append(f"history fails: {type(exc).__name__}: {exc}")
     try:
-        rt._training_set()
+        rt.training_set()
     except Exception as exc:  # noqa: BLE001
         problems.append(f"the current head's training set does not load: {type(exc).__name__}: {exc}")
     return problems

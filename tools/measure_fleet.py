@@ -38,6 +38,7 @@ KNOWS = [(0, 1, 2, 3, 4, 5), (3, 4, 5, 6, 7, 8), (0, 1, 2, 7, 8, 9), (4, 5, 6, 7
 def _device(bundle: Path, X: np.ndarray, y: np.ndarray, ids: np.ndarray, names: list[str]) -> None:
     """Fill a device's store and current head from cached embeddings (as `device train` would)."""
     from edgetl.device import DeviceRuntime
+    from edgetl.labelled import LabelledEmbeddings
     from edgetl.store import EmbeddingStore
 
     runtime = DeviceRuntime(bundle)
@@ -47,7 +48,8 @@ def _device(bundle: Path, X: np.ndarray, y: np.ndarray, ids: np.ndarray, names: 
         store.put(str(k), x)
     store.save()
     with runtime.state.writer():
-        runtime._fit_version(X, keys, y, names, "ncm", 0.2, 0, 0.02, True, {}, source="cached embeddings")
+        runtime.training.fit_version(LabelledEmbeddings(X, keys, y, names), "ncm", val_split=0.2, seed=0, tolerance=0.02,
+                                      force=True, head_params={}, source="cached embeddings")
 
 
 def main() -> None:

@@ -205,7 +205,7 @@ def main() -> None:
                 results["unknown"] = {"head": "softmax (device train on classes 0-4, default settings)",
                                       "score": "Novelty (what DeviceRuntime.predict returns as `novelty`)",
                                       "auroc": round(auroc(scores, lab), 4),
-                                      "threshold": float(rt._novelty(rt.current_version()).threshold),
+                                      "threshold": float(rt.novelty_model(rt.current_version()).threshold),
                                       "known_flagged_unknown": round(float(flags[lab == 0].mean()), 4),
                                       "unknown_flagged_unknown": round(float(flags[lab == 1].mean()), 4),
                                       "n_known": int((lab == 0).sum()), "n_unknown": int(lab.sum())}

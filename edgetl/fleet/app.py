@@ -157,7 +157,7 @@ def local_data(runtime: Any) -> core.LocalData:
     """The current head's training embeddings from the device's store (cached per bundle and head version)."""
     key = (str(runtime.bundle.path), runtime.current_version())
     if key not in _LOCAL:
-        X, _, y, classes = runtime._training_set()
+        X, _, y, classes = runtime.training_set()
         _LOCAL[key] = core.LocalData(X.astype(np.float32), y.astype(np.int64), list(classes))
     return _LOCAL[key]
 
@@ -309,7 +309,7 @@ class _Device:
                                        "from the fleet server")
         except EdgeTLError as exc:
             log.warning("fleet: head refused: %s", exc)
-            runtime._log("fleet_head_refused", reason=str(exc), source=str(cfg["source"]))
+            runtime.versions.log("fleet_head_refused", reason=str(exc), source=str(cfg["source"]))
             return self._reply(msg, config=self.fa.ConfigRecord({"version": "", "promoted": False, "refused": True,
                                                                  "reason": str(exc), "local_accuracy": -1.0}))
         with tempfile.TemporaryDirectory(prefix="edgetl-fleet-") as tmp:
