@@ -106,8 +106,9 @@ def adopt_fleet_head(bundle: str | os.PathLike[str], head_dir: str | os.PathLike
     from edgetl.errors import DataError
     from edgetl.fleet.app import read_result, verify_fleet_head
     from edgetl.fleet.trust import SIGNATURE_FILE
+    from edgetl.keyfiles import read_small_file
     from edgetl.registry import sha256_file
-    from edgetl.signing import MAX_SIGNATURE_BYTES, read_small_file
+    from edgetl.signing import MAX_SIGNATURE_BYTES
 
     head_dir = Path(head_dir)
     meta = read_result(head_dir)

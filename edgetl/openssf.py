@@ -61,7 +61,7 @@ def is_ec_key(path: str | os.PathLike[str], private: bool = False) -> bool:
     key."""
     from cryptography.hazmat.primitives import serialization
 
-    from edgetl.signing import MAX_KEY_BYTES, read_small_file
+    from edgetl.keyfiles import MAX_KEY_BYTES, read_small_file
 
     try:
         data = read_small_file(path, MAX_KEY_BYTES, "key")
@@ -164,7 +164,7 @@ def sign_path(path: str | os.PathLike[str], private_key: str | os.PathLike[str],
     :func:`default_signature`) and return its path. ``ignore``: relative paths left out (a folder's)."""
     from cryptography.hazmat.primitives import serialization
 
-    from edgetl.signing import MAX_KEY_BYTES, read_small_file
+    from edgetl.keyfiles import MAX_KEY_BYTES, read_small_file
 
     path = Path(path)
     sig_path = Path(signature) if signature is not None else default_signature(path)
@@ -207,7 +207,7 @@ def sign_path(path: str | os.PathLike[str], private_key: str | os.PathLike[str],
 def _public_key(public_key: str | os.PathLike[str]) -> Any:
     from cryptography.hazmat.primitives import serialization
 
-    from edgetl.signing import MAX_KEY_BYTES, read_small_file
+    from edgetl.keyfiles import MAX_KEY_BYTES, read_small_file
 
     try:
         public = serialization.load_pem_public_key(read_small_file(public_key, MAX_KEY_BYTES, "trusted public key"))
@@ -266,7 +266,7 @@ def verify_path(path: str | os.PathLike[str], public_key: str | os.PathLike[str]
     """Check an OpenSSF signature of a model folder or file against an EC public key (PEM): the envelope's signature,
     the key hint, and every file's sha256 (no file missing, none added outside the ignored paths). Returns the signed
     name → sha256; raises :class:`BundleError` naming what failed."""
-    from edgetl.signing import read_small_file
+    from edgetl.keyfiles import read_small_file
 
     path = Path(path)
     sig_path = Path(signature) if signature is not None else default_signature(path)

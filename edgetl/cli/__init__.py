@@ -73,10 +73,12 @@ def _register() -> None:
     main.add_command(host.export)
     main.add_command(device.device)
     main.add_command(fleet.fleet)
-    from edgetl.cli import field, kit
+    from edgetl.cli import export_model, field, kit, serve
 
     device.device.add_command(field.watch)
     device.device.add_command(field.stream)
+    device.device.add_command(serve.serve)  # the operator's console
+    device.device.add_command(export_model.export_model)
     bundle.bundle.add_command(kit.kit)
 
 

@@ -380,12 +380,3 @@ def drift(bundle: Path, data_dir: Path, as_json: bool, quiet: bool, **opts: Any)
     verdict = "DRIFTED: retrain the head on this data" if result["drifted"] else "no drift"
     click.echo(f"{verdict} (median novelty {result['score']:.3f}, threshold {result['threshold']:.3f} from held-out "
                f"training images; {result['unknown_fraction']:.0%} of {result['n']} images unknown)")
-
-
-from edgetl.cli.serve import serve as _serve  # `edgetl device serve`, the operator's console
-
-device.add_command(_serve)
-
-from edgetl.cli.export_model import export_model as _export_model  # `edgetl device export-model` (issue 20)
-
-device.add_command(_export_model)

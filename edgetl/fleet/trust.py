@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgetl.errors import BundleError
-from edgetl.signing import MAX_KEY_BYTES, MAX_SIGNATURE_BYTES, crypto, load_public_key, read_small_file
+from edgetl.keyfiles import MAX_KEY_BYTES, read_small_file
+from edgetl.signing import MAX_SIGNATURE_BYTES, crypto, load_public_key
 
 SIGNATURE_FILE = "head.sig"
 _TAG = b"edgetl fleet head v1\n"
