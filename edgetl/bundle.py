@@ -11,7 +11,6 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,13 +202,10 @@ class ExtractorEntry:
 
 
 @dataclass(frozen=True)
-class Manifest(Mapping[str, Any]):
+class Manifest:
     """``manifest.json`` as typed fields: the exporter builds one and writes it (:meth:`write`), the device reads it
     (``Bundle.manifest``). The JSON keys are those of the fields; ``modality`` is written for non-image bundles only
-    and ``feature_groups`` for multi-depth extractors only (bundles written before either existed stay valid).
-
-    Reading it as a mapping (``manifest["feature_dim"]``) still gives the JSON as read; that is for readers that
-    have not switched to the typed fields yet, and goes once they all have."""
+    and ``feature_groups`` for multi-depth extractors only (bundles written before either existed stay valid)."""
 
     backbone: BackboneRecord
     feature_dim: int
@@ -280,16 +276,6 @@ class Manifest(Mapping[str, Any]):
         path = folder / MANIFEST
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
-
-    # the JSON as read, for readers that still use string keys (see the class docstring)
-    def __getitem__(self, key: str) -> Any:
-        return self.raw[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
 
 
 def _count(value: Any) -> int:

@@ -16,11 +16,11 @@ from tests.conftest import make_folder
 
 def test_bundle_manifest(bundle: Path) -> None:
     b = Bundle.load(bundle)
-    assert b.manifest["schema_version"] == 1 and b.feature_dim == 1280
+    assert b.manifest.schema_version == 1 and b.feature_dim == 1280
     entry = b.extractor("onnx", "fp32")
-    assert b.manifest["files"][entry.file]["sha256"] == b.sha256(entry.file)
-    assert b.manifest["validation"]["max_abs_diff"] < 1e-3
-    assert b.manifest["extractors"][0]["report"]["passed"]
+    assert b.manifest.files[entry.file].sha256 == b.sha256(entry.file)
+    assert b.manifest.validation["max_abs_diff"] < 1e-3
+    assert b.manifest.extractors[0].report["passed"]
     assert b.preprocessing.input_size == 64
 
 

@@ -48,10 +48,10 @@ def test_onnx_parity_on_real_images(name: str, tmp_path: Path, demo_test: Path) 
                                skimage.data.rocket()]):
         Image.fromarray(image).save(data / "photo" / f"photo{i}.png")
     bundle = Bundle.load(export(tmp_path / "b", data, model=name, calib_size=11))
-    report = bundle.manifest["validation"]
+    report = bundle.manifest.validation
     assert report["n_images"] == 44 - 11  # every held-out image, the photos among them
     assert report["max_abs_diff"] < 1e-3 and report["min_cosine"] > 0.9999
-    assert bundle.manifest["extractors"][0]["report"]["passed"]
+    assert bundle.manifest.extractors[0].report["passed"]
     # the device's own runtime reproduces the host's golden embeddings
     assert DeviceRuntime(bundle.path).verify()["max_abs_diff"] < 1e-3
 
