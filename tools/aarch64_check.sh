@@ -376,7 +376,9 @@ mkdir -p "$(dirname "$DOC")"
 {
   echo "# edgetl on an emulated Raspberry Pi (Debian bookworm arm64 under qemu-user)"
   echo
-  echo "Written by \`sudo bash tools/aarch64_check.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') from commit $REV: $VERDICT in"
+  INVOCATION="sudo bash tools/aarch64_check.sh"
+  [ "$ONLY" = all ] || INVOCATION="sudo EDGETL_AARCH64_ONLY=$ONLY EDGETL_AARCH64_BUNDLE=B EDGETL_AARCH64_TEST=$NTEST bash tools/aarch64_check.sh"
+  echo "Written by \`$INVOCATION\` on $(date -u '+%Y-%m-%d %H:%M UTC') from commit $REV: $VERDICT in"
   echo "$((TOTAL / 60)) min $((TOTAL % 60)) s (emulated: functional, not speed — times are qemu's, not a Pi's)."
   case "$REV" in *+dirty) echo "(+dirty: the working tree had uncommitted changes in edgetl/ or pyproject.toml; the wheel \
 and the host's editable install both used them.)";; esac
