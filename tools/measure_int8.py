@@ -155,7 +155,7 @@ def main() -> None:
         if args.speed_only:
             result = json.loads(args.out.read_text())
             respeed(result["rows"], work, data)
-            result["speed_command"] = "python tools/measure_int8.py --speed-only " + " ".join(sys.argv[1:])
+            result["speed_command"] = "python tools/measure_int8.py " + " ".join(sys.argv[1:])
             _write(args, result)
             return
         rows: list[dict[str, Any]] = []
