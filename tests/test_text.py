@@ -182,10 +182,10 @@ def test_bundle_packs_tokenizer_and_both_graphs(text_bundle: Path) -> None:
     b = Bundle.load(text_bundle)
     m = b.manifest
     assert b.modality == "text" and b.feature_dim == 384 and b.text_preprocessing.max_length == 256
-    assert m["files"]["tokenizer.json"]["sha256"] == sha256_file(_tokenizer_file())
+    assert m.files["tokenizer.json"].sha256 == sha256_file(_tokenizer_file())
     graphs = {(e.format, e.precision): e for e in b.extractors()}
     assert set(graphs) == {("onnx", "fp32"), ("onnx", "int8")}
-    assert graphs["onnx", "fp32"].raw["input_names"] == ["input_ids", "attention_mask"]
+    assert graphs["onnx", "fp32"].input_names == ["input_ids", "attention_mask"]
     assert graphs["onnx", "fp32"].report["max_abs_diff"] < 1e-3
     int8 = graphs["onnx", "int8"].report
     assert int8["passed"] and int8["size_bytes"] < 0.3 * graphs["onnx", "fp32"].report["size_bytes"]
