@@ -28,7 +28,7 @@ from edgetl.cli import main
 from edgetl.device import DeviceRuntime
 from edgetl.serve.app import ServeSettings, create_app
 from edgetl.serve.console import Console, check_label
-from edgetl.serve.queue import NOVEL_EVERY, rank
+from edgetl.serve.queue import BATCH, NOVEL_EVERY, rank
 from tests.conftest import make_folder
 
 TOKEN = "test-token-0123456789abcdef"
@@ -171,7 +171,11 @@ def test_results_thumbnails_and_queue_ranking(served: tuple[Served, Path, Path])
         [k for k in range(0, 30, NOVEL_EVERY)][:len(novel)]
     assert all(i["novelty_now"] > threshold for i in novel)
     assert [i["novelty_now"] for i in novel] == sorted((i["novelty_now"] for i in novel), reverse=True)
-    assert [i["priority"] for i in uncertain] == sorted((i["priority"] for i in uncertain), reverse=True)
+    # uncertainty places: each page of BATCH spread over the embedding space, then ordered by uncertainty
+    for start in range(0, 30, BATCH):
+        page = [i["priority"] for i in q["items"][start:start + BATCH] if i["placed_by"] == "uncertainty"]
+        assert page == sorted(page, reverse=True)
+    assert "spread" in q["ranking"]
     ids = [i["id"] for i in q["items"]]
     assert ids != sorted(ids) and ids != sorted(ids, reverse=True)  # not arrival order
     # the sneakers (a class the head does not know, arrived last) look more novel than the known classes on average

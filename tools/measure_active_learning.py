@@ -1,23 +1,28 @@
 """Active learning vs random order on Fashion-MNIST: test accuracy against labels spent, in one run.
 
-A simulated operator answers the console's label queue (:func:`edgetl.serve.queue.rank`, the exact function
+A simulated operator answers the console's label queue (:func:`edgetl.serve.queue.rank_head`, the exact function
 ``edgetl device serve`` orders its queue with) with the true label (an oracle). Setting:
 
 - embeddings: real MobileNetV2 (ImageNet weights) through the device runtime, the committed 64 px FP32 ONNX bundle
   ``tests/data/device-bundle/mnv2-64`` (torch-free; ``DeviceRuntime.embed_images``, the device's preprocessing);
 - pool: ``--pool`` unlabelled images drawn from the official *training* split; test: ``--test`` images of the official
   *test* split, which no head ever trains on — every figure comes from them;
+- validation (``--validation N``): N pool images are held out as the evaluation set instead and the test split is not
+  used — the split the queue's settings were chosen on, so that the test figures stay an honest check;
 - start: ``--seed-per-class`` labelled images per class (the same for every strategy), then rounds of ``--batch``
   labels: **active** takes the top of the queue ranked by the current head (softmax, the device default, with its
   temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
-  **margin** the same without its novelty places (the ablation), **random** takes the pool in a random order; the head
-  is refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
+  **no-spread** the same without the spread of a page over the embedding space (the queue before it), **margin**
+  uncertainty order alone (no novelty places, no spread), **random** takes the pool in a random order; the head is
+  refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
 - reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
   active reaches it with at most half as many labels.
 
 Writes ``docs/results/active_learning.json`` and ``docs/active_learning.png``.
 
-    .venv/bin/python tools/measure_active_learning.py          # ~5 min on 2 cores (embedding ~2 min, cached)
+    .venv/bin/python tools/measure_active_learning.py          # ~10 min on 2 shared cores (embedding cached)
+    .venv/bin/python tools/measure_active_learning.py --validation 2000 --strategies active no-spread \\
+        --json /tmp/val.json --png /tmp/val.png               # choosing settings: the test split is not used
 """
 
 from __future__ import annotations
@@ -34,10 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgetl.heads import make_head
-from edgetl.novelty import Novelty, calibrated_proba, fit_temperature
-from edgetl.serve.queue import NOVEL_EVERY, rank
+from edgetl.novelty import Novelty, fit_temperature
+from edgetl.serve.queue import BATCH, NOVEL_EVERY, WINDOW, rank_head
 
 BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
+#: the queue's settings per strategy: "active" is the console's queue as shipped; the others switch parts off
+ABLATIONS: dict[str, dict[str, int]] = {
+    "active": {},
+    "no-spread": {"window": 1},  # the queue before the spread: uncertainty order with novelty places
+    "margin": {"window": 1, "novel_every": 0},  # uncertainty order alone
+}
+STRATEGIES = [*ABLATIONS, "random"]
 CACHE = ROOT / ".cache" / "active_learning"
 
 
@@ -109,10 +121,7 @@ def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, b
             mask = np.ones(len(y), dtype=bool)
             mask[idx] = False
             candidates = np.flatnonzero(mask)
-            proba = calibrated_proba(head, X[candidates], temperature)
-            scores = novelty.score(X[candidates]) if novelty is not None else None
-            every = 0 if name == "margin" else NOVEL_EVERY  # "margin": the ablation without novelty places
-            ranking = rank(proba, scores, novelty.threshold if novelty is not None else None, novel_every=every)
+            ranking = rank_head(head, X[candidates], temperature, novelty, **ABLATIONS[name]).ranking
             chosen = list(candidates[ranking.order[:take]])
         labelled.extend(int(i) for i in chosen)
     return curve
@@ -154,7 +163,7 @@ def plot(result: dict, out: Path) -> None:
     d.text((px(xmax, ref["accuracy"])[0] - 4, px(xmax, ref["accuracy"])[1] - 4),
            f"reference: 100 random labels per class (1,000): {100 * ref['accuracy']:.1f}%", fill="#555555", font=font,
            anchor="rd")
-    colours = {"active": "#c0392b", "margin": "#e67e22", "random": "#2c3e50"}
+    colours = {"active": "#c0392b", "no-spread": "#8e44ad", "margin": "#e67e22", "random": "#2c3e50"}
     for name, c in curves.items():
         d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours[name], width=3)
     reached = result["active_labels_to_reference"]
@@ -162,57 +171,77 @@ def plot(result: dict, out: Path) -> None:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
         d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
                fill="#c0392b", font=font)
-    legend = {"active": "active: the console's label queue (uncertainty, 1 place in 10 novelty)",
-              "margin": "margin only: the queue without its novelty places", "random": "random: random order"}
+    legend = {"active": "active: the console's label queue (uncertainty, pages spread, 1 place in 10 novelty)",
+              "no-spread": "no spread: the queue without the spread of a page (the previous queue)",
+              "margin": "margin only: uncertainty order alone", "random": "random: random order"}
     for k, name in enumerate(n for n in legend if n in curves):
         d.text((px(xmax * 0.45, 0)[0], px(0, ylo)[1] - 70 + 18 * k), legend[name], fill=colours[name], font=font)
     s = result["settings"]
-    d.text((W / 2, 8), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool']} (train split), test {s['test']} "
-           f"(test split, never trained on); mean of {s.get('trials', 1)} trials", fill="black", font=font,
-           anchor="ma")
+    evaluated = s.get("evaluated_on", f"{s['test']} images of the test split")
+    d.text((W / 2, 8), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool'] - s.get('validation', 0)} (train "
+           f"split); evaluated on {evaluated}, never trained on; mean of {s.get('trials', 1)} trials", fill="black",
+           font=font, anchor="ma")
     d.text((W / 2, H - 22), "labels spent", fill="black", font=font, anchor="ma")
     d.text((8, top - 20), "test accuracy", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=int, default=10000)
     ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--validation", type=int, default=0,
+                    help="Hold out this many pool images as the evaluation set in place of the test split (which is "
+                         "then not used): the split on which the queue's settings are chosen.")
     ap.add_argument("--seed-per-class", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--budget", type=int, default=1000, help="Labels the random order spends.")
     ap.add_argument("--active-budget", type=int, default=600, help="Labels the active queue spends.")
     ap.add_argument("--trials", type=int, default=3, help="Seed labels and random orders drawn; curves averaged.")
-    ap.add_argument("--strategies", nargs="+", choices=["active", "margin", "random"],
-                    default=["active", "margin", "random"],
-                    help="active: the console's queue; margin: the same without the novelty term; random: random order")
+    ap.add_argument("--first-trial", type=int, default=0, help="Number of the first trial (its seed offset).")
+    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["active", "random"],
+                    help="active: the console's queue; no-spread: the same without the spread of a page; margin: "
+                         "uncertainty order alone; random: random order")
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "active_learning.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "active_learning.png")
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the JSON.")
-    args = ap.parse_args()
-    if args.plot_only:
-        plot(json.loads(args.json.read_text()), args.png)
-        return
-    start = time.perf_counter()
-    data = embeddings(args.pool, args.test, args.seed, args.threads)
+    return ap.parse_args()
+
+
+def evaluation_split(data: dict[str, np.ndarray], validation: int, seed: int) -> dict[str, np.ndarray]:
+    """With ``validation`` > 0: that many pool images (drawn with ``seed``) become the evaluation set and leave the
+    pool; the test split is dropped, so choices made on this split never see it."""
+    if validation <= 0:
+        return data
+    perm = np.random.default_rng(seed + 12345).permutation(len(data["pool_y"]))
+    held, pool = perm[:validation], perm[validation:]
+    return {"pool_X": data["pool_X"][pool], "pool_y": data["pool_y"][pool], "test_X": data["pool_X"][held],
+            "test_y": data["pool_y"][held]}
+
+
+def reference(data: dict[str, np.ndarray], seeds: int, seed: int) -> dict[str, object]:
+    """Accuracy of 100 random labels per class (stratified), mean of ``seeds`` draws."""
     y = data["pool_y"]
     classes = np.unique(y)
-    ref = []
-    for s in range(args.ref_seeds):
+    acc = []
+    for s in range(seeds):
         r = np.random.default_rng(1000 + s)
         idx = np.concatenate([r.choice(np.flatnonzero(y == c), 100, replace=False) for c in classes])
-        head = make_head("softmax", seed=args.seed).fit(data["pool_X"][idx], y[idx])
-        ref.append(accuracy(head, data["test_X"], data["test_y"]))
-    reference = {"labels": 100 * len(classes), "accuracy": float(np.mean(ref)), "per_draw": ref}
-    print(f"reference: 100 random labels per class -> {reference['accuracy']:.4f}", file=sys.stderr)
+        head = make_head("softmax", seed=seed).fit(data["pool_X"][idx], y[idx])
+        acc.append(accuracy(head, data["test_X"], data["test_y"]))
+    return {"labels": 100 * len(classes), "accuracy": float(np.mean(acc)), "per_draw": acc}
+
+
+def run_trials(args: argparse.Namespace, data: dict[str, np.ndarray], budgets: dict[str, int],
+               target: float) -> dict[str, list[list[dict[str, float]]]]:
+    y = data["pool_y"]
+    classes = np.unique(y)
     trials: dict[str, list[list[dict[str, float]]]] = {name: [] for name in args.strategies}
-    budgets = {name: args.budget if name == "random" else args.active_budget for name in args.strategies}
-    for trial in range(args.trials):
+    for trial in range(args.first_trial, args.first_trial + args.trials):
         rng = np.random.default_rng(args.seed + trial)  # each trial: its own seed labels and random order
         seed_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), args.seed_per_class, replace=False)
                                    for c in classes])
@@ -221,29 +250,50 @@ def main() -> None:
             curve = run_strategy(name, data, seed_idx, budgets[name], args.batch, args.seed + trial)
             trials[name].append(curve)
             print(f"trial {trial} {name}: {curve[-1]['accuracy']:.4f} at {budgets[name]} labels, reaches the "
-                  f"reference at {first_reaching(curve, reference['accuracy'])} ({time.perf_counter() - t:.0f} s)",
+                  f"reference at {first_reaching(curve, target)} ({time.perf_counter() - t:.0f} s)",
                   file=sys.stderr)
+    return trials
+
+
+def main() -> None:
+    args = parse_args()
+    if args.plot_only:
+        plot(json.loads(args.json.read_text()), args.png)
+        return
+    start = time.perf_counter()
+    data = evaluation_split(embeddings(args.pool, args.test, args.seed, args.threads), args.validation, args.seed)
+    ref = reference(data, args.ref_seeds, args.seed)
+    print(f"reference: 100 random labels per class -> {ref['accuracy']:.4f}", file=sys.stderr)
+    target = float(ref["accuracy"])  # type: ignore[arg-type]
+    budgets = {name: args.budget if name == "random" else args.active_budget for name in args.strategies}
+    trials = run_trials(args, data, budgets, target)
     curves = {name: [{"labels": pts[0]["labels"], "accuracy": float(np.mean([p["accuracy"] for p in pts]))}
                      for pts in zip(*runs)] for name, runs in trials.items()}
-    to_reference = {name: first_reaching(c, reference["accuracy"]) for name, c in curves.items()}
-    reached, random_reached = to_reference.get("active"), to_reference.get("random")
-    per_trial = {name: [first_reaching(c, reference["accuracy"]) for c in runs] for name, runs in trials.items()}
+    to_reference = {name: first_reaching(c, target) for name, c in curves.items()}
+    reached = to_reference.get("active")
+    half = int(ref["labels"]) // 2  # type: ignore[call-overload]
     result = {
         "command": "python tools/measure_active_learning.py " + " ".join(sys.argv[1:]),
-        "settings": {"pool": args.pool, "test": args.test, "seed_per_class": args.seed_per_class, "batch": args.batch,
-                     "budget": budgets, "trials": args.trials, "seed": args.seed,
+        "settings": {"pool": args.pool, "test": args.test, "validation": args.validation,
+                     "evaluated_on": (f"{args.validation} images held out of the training pool (validation)"
+                                      if args.validation else f"{args.test} images of the test split"),
+                     "seed_per_class": args.seed_per_class, "batch": args.batch, "budget": budgets,
+                     "trials": args.trials, "first_trial": args.first_trial, "seed": args.seed,
                      "bundle": str(BUNDLE.relative_to(ROOT)),
                      "head": "softmax (temperature from a held-out fifth for the ranking)",
-                     "ranking": "edgetl.serve.queue.rank"},
-        "reference": reference,
+                     "ranking": "edgetl.serve.queue.rank_head",
+                     "queue": {"novel_every": NOVEL_EVERY, "page": BATCH, "window": WINDOW},
+                     "ablations": {k: v for k, v in ABLATIONS.items() if k in args.strategies}},
+        "reference": ref,
         "curves": curves,
         "trials": trials,
         "active_labels_to_reference": reached,
-        "random_labels_to_reference": random_reached,
+        "random_labels_to_reference": to_reference.get("random"),
         "labels_to_reference": to_reference,
-        "labels_to_reference_per_trial": per_trial,
-        "target": f"active (mean of the trials) reaches the reference with <= {reference['labels'] // 2} labels",
-        "target_met": reached is not None and reached <= reference["labels"] // 2,
+        "labels_to_reference_per_trial": {name: [first_reaching(c, target) for c in runs]
+                                          for name, runs in trials.items()},
+        "target": f"active (mean of the trials) reaches the reference with <= {half} labels",
+        "target_met": reached is not None and reached <= half,
         "seconds": round(time.perf_counter() - start, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

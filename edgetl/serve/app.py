@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -217,158 +217,226 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
+@dataclass
+class WatcherThread:
+    """The inbox watcher, run in a thread for the life of the app; ``state`` is what ``/api/health`` shows:
+    ``off`` (none), ``starting``, ``running``, what the watcher returned, ``stopped`` or ``stopped: <why>``."""
+
+    watcher: Callable[[threading.Event], str | None] | None
+    state: str = field(init=False)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+    _thread: threading.Thread | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.state = "off" if self.watcher is None else "starting"
+
+    def start(self) -> None:
+        if self.watcher is not None:
+            self._thread = threading.Thread(target=self._run, name="edgetl-serve-watch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        if self.watcher is None:
+            return
+        try:
+            self.state = "running"
+            self.state = self.watcher(self._stop) or "stopped"
+        except EdgeTLError as exc:
+            self.state = f"stopped: {exc}"
+            log.warning("inbox watcher stopped: %s", exc)
+        except Exception as exc:
+            self.state = f"stopped: {type(exc).__name__}: {exc}"
+            log.exception("inbox watcher crashed")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the handlers serve: kept on the Starlette app's ``state``."""
+
+    console: Console
+    settings: ServeSettings
+    watcher: WatcherThread
+
+
+def _ctx(request: Request) -> Context:
+    ctx = request.app.state.ctx
+    assert isinstance(ctx, Context)
+    return ctx
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    """Run a (blocking) console call in the thread pool."""
+    return run_in_threadpool(fn, *args)
+
+
+async def health(request: Request) -> Response:
+    ctx = _ctx(request)
+    version = await _call(ctx.console.runtime.current_version)
+    return JSONResponse({"status": "ok", "head_version": version, "watcher": ctx.watcher.state})
+
+
+async def info(request: Request) -> Response:
+    ctx = _ctx(request)
+    console, settings = ctx.console, ctx.settings
+    data = await _call(console.runtime.info)
+    try:
+        _, classes, _ = await _call(console.runtime.load_current_head)
+    except NotFittedError:
+        classes = []
+    return JSONResponse({"bundle": data["bundle"], "backbone": data["backbone"]["id"],
+                         "selected": data["selected"], "profile": data["profile"],
+                         "current_head": data["current_head"], "classes": classes,
+                         "inbox": str(console.inbox) if console.inbox else None, "watcher": ctx.watcher.state,
+                         "max_upload": settings.max_upload, "loopback_only": settings.loopback})
+
+
+async def predict(request: Request) -> Response:
+    top_k = _int_param(request, "top_k", 3, 1, 100)
+    data = await request.body()
+    return JSONResponse(await _call(_ctx(request).console.predict_upload, data, top_k))
+
+
+async def results(request: Request) -> Response:
+    limit = _int_param(request, "limit", 50, 1, 1000)
+    return JSONResponse({"results": await _call(_ctx(request).console.results_page, limit)})
+
+
+async def queue(request: Request) -> Response:
+    limit = _int_param(request, "limit", 20, 1, 500)
+    return JSONResponse(await _call(_ctx(request).console.queue, limit))
+
+
+async def thumb(request: Request) -> Response:
+    item_id = _item_id(request.path_params["item_id"])
+    return Response(await _call(_ctx(request).console.thumbnail, item_id), media_type="image/png")
+
+
+async def label(request: Request) -> Response:
+    body = await _json_body(request)
+    record = await _call(_ctx(request).console.label, _item_id(body.get("id")), body.get("label"))
+    return JSONResponse({"labelled": asdict(record)})
+
+
+async def train(request: Request) -> Response:
+    body = await _json_body(request)
+    return JSONResponse(await _call(_ctx(request).console.train, _flag(body, "force")))
+
+
+async def add_class(request: Request) -> Response:
+    body = await _json_body(request)
+    return JSONResponse(await _call(_ctx(request).console.add_class, body.get("name"), _flag(body, "force")))
+
+
+async def history(request: Request) -> Response:
+    return JSONResponse({"history": await _call(_ctx(request).console.history)})
+
+
+async def promote(request: Request) -> Response:
+    body = await _json_body(request)
+    return JSONResponse({"current": await _call(_ctx(request).console.promote, body.get("version"))})
+
+
+async def rollback(request: Request) -> Response:
+    body = await _json_body(request)
+    return JSONResponse({"current": await _call(_ctx(request).console.rollback, body.get("to"))})
+
+
+async def drift(request: Request) -> Response:
+    return JSONResponse(await _call(_ctx(request).console.drift))
+
+
+async def confusion(request: Request) -> Response:
+    return JSONResponse(await _call(_ctx(request).console.confusion))
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(await _call(_ctx(request).console.metrics_text), media_type=CONTENT_TYPE_LATEST)
+
+
+def static(path: str) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of one of the page's files (read once, from the fixed :data:`STATIC` table)."""
+    name, media = STATIC[path]
+    body = resources.files("edgetl.serve").joinpath("static", name).read_bytes()
+
+    async def serve(request: Request) -> Response:
+        return Response(body, media_type=media)
+    return serve
+
+
+#: the API: path, handler, method
+API: tuple[tuple[str, Callable[[Request], Awaitable[Response]], str], ...] = (
+    ("/api/health", health, "GET"),
+    ("/api/info", info, "GET"),
+    ("/api/predict", predict, "POST"),
+    ("/api/results", results, "GET"),
+    ("/api/queue", queue, "GET"),
+    ("/api/image/{item_id}", thumb, "GET"),
+    ("/api/label", label, "POST"),
+    ("/api/train", train, "POST"),
+    ("/api/add-class", add_class, "POST"),
+    ("/api/history", history, "GET"),
+    ("/api/promote", promote, "POST"),
+    ("/api/rollback", rollback, "POST"),
+    ("/api/drift", drift, "GET"),
+    ("/api/confusion", confusion, "GET"),
+    ("/metrics", metrics, "GET"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ error handlers
+async def on_edgetl_error(request: Request, exc: Exception) -> Response:
+    status = 409 if isinstance(exc, (StateError, NotFittedError)) else 500 if isinstance(exc, BundleError) else 400
+    return _error(status, " ".join(str(exc).split())[:1000])
+
+
+async def on_lookup(request: Request, exc: Exception) -> Response:
+    return _error(404, str(exc).strip("'\""))
+
+
+async def on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"no such endpoint {request.url.path[:100]!r}; see GET /api/info and the README",
+                405: f"{request.method} is not allowed on {request.url.path[:100]}"}
+    return _error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+async def on_too_large(request: Request, exc: Exception) -> Response:
+    return _too_large(_ctx(request).settings.max_upload)
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error ({type(exc).__name__}); see the console's log")
+
+
 def create_app(console: Console, settings: ServeSettings,
                watcher: Callable[[threading.Event], str | None] | None = None) -> ASGIApp:
     """The ASGI application. ``watcher``: run in a thread for the life of the app (the inbox watcher), stopped on
     shutdown through the event it is given; what it returns is shown as the watcher's state."""
-
-    def call(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-        return run_in_threadpool(fn, *args)
-
-    async def health(request: Request) -> Response:
-        version = await call(console.runtime.current_version)
-        return JSONResponse({"status": "ok", "head_version": version, "watcher": state["watcher"]})
-
-    async def info(request: Request) -> Response:
-        data = await call(console.runtime.info)
-        try:
-            _, classes, _ = await call(console.runtime.load_current_head)
-        except NotFittedError:
-            classes = []
-        return JSONResponse({"bundle": data["bundle"], "backbone": data["backbone"]["id"],
-                             "selected": data["selected"], "profile": data["profile"],
-                             "current_head": data["current_head"], "classes": classes,
-                             "inbox": str(console.inbox) if console.inbox else None, "watcher": state["watcher"],
-                             "max_upload": settings.max_upload, "loopback_only": settings.loopback})
-
-    async def predict(request: Request) -> Response:
-        top_k = _int_param(request, "top_k", 3, 1, 100)
-        data = await request.body()
-        return JSONResponse(await call(console.predict_upload, data, top_k))
-
-    async def results(request: Request) -> Response:
-        limit = _int_param(request, "limit", 50, 1, 1000)
-        return JSONResponse({"results": await call(console.results_page, limit)})
-
-    async def queue(request: Request) -> Response:
-        limit = _int_param(request, "limit", 20, 1, 500)
-        return JSONResponse(await call(console.queue, limit))
-
-    async def thumb(request: Request) -> Response:
-        item_id = _item_id(request.path_params["item_id"])
-        return Response(await call(console.thumbnail, item_id), media_type="image/png")
-
-    async def label(request: Request) -> Response:
-        body = await _json_body(request)
-        record = await call(console.label, _item_id(body.get("id")), body.get("label"))
-        return JSONResponse({"labelled": record.__dict__})
-
-    async def train(request: Request) -> Response:
-        body = await _json_body(request)
-        return JSONResponse(await call(console.train, _flag(body, "force")))
-
-    async def add_class(request: Request) -> Response:
-        body = await _json_body(request)
-        return JSONResponse(await call(console.add_class, body.get("name"), _flag(body, "force")))
-
-    async def history(request: Request) -> Response:
-        return JSONResponse({"history": await call(console.history)})
-
-    async def promote(request: Request) -> Response:
-        body = await _json_body(request)
-        return JSONResponse({"current": await call(console.promote, body.get("version"))})
-
-    async def rollback(request: Request) -> Response:
-        body = await _json_body(request)
-        return JSONResponse({"current": await call(console.rollback, body.get("to"))})
-
-    async def drift(request: Request) -> Response:
-        return JSONResponse(await call(console.drift))
-
-    async def confusion(request: Request) -> Response:
-        return JSONResponse(await call(console.confusion))
-
-    async def metrics(request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(await call(console.metrics_text), media_type=CONTENT_TYPE_LATEST)
-
-    def static(path: str) -> Callable[[Request], Awaitable[Response]]:
-        name, media = STATIC[path]
-        body = resources.files("edgetl.serve").joinpath("static", name).read_bytes()
-
-        async def serve(request: Request) -> Response:
-            return Response(body, media_type=media)
-        return serve
-
-    async def on_edgetl_error(request: Request, exc: Exception) -> Response:
-        status = 409 if isinstance(exc, (StateError, NotFittedError)) else 500 if isinstance(exc, BundleError) \
-            else 400
-        return _error(status, " ".join(str(exc).split())[:1000])
-
-    async def on_lookup(request: Request, exc: Exception) -> Response:
-        return _error(404, str(exc).strip("'\""))
-
-    async def on_http(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        messages = {404: f"no such endpoint {request.url.path[:100]!r}; see GET /api/info and the README",
-                    405: f"{request.method} is not allowed on {request.url.path[:100]}"}
-        return _error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
-
-    async def on_too_large(request: Request, exc: Exception) -> Response:
-        return _too_large(settings.max_upload)
-
-    async def on_crash(request: Request, exc: Exception) -> Response:
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return _error(500, f"internal error ({type(exc).__name__}); see the console's log")
-
-    state: dict[str, str] = {"watcher": "off" if watcher is None else "starting"}
+    ctx = Context(console, settings, WatcherThread(watcher))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        stop = threading.Event()
-        thread = None
-        if watcher is not None:
-            def run() -> None:
-                try:
-                    state["watcher"] = "running"
-                    state["watcher"] = watcher(stop) or "stopped"
-                except EdgeTLError as exc:
-                    state["watcher"] = f"stopped: {exc}"
-                    log.warning("inbox watcher stopped: %s", exc)
-                except Exception as exc:
-                    state["watcher"] = f"stopped: {type(exc).__name__}: {exc}"
-                    log.exception("inbox watcher crashed")
-            thread = threading.Thread(target=run, name="edgetl-serve-watch", daemon=True)
-            thread.start()
+        ctx.watcher.start()
         try:
             yield
         finally:
-            stop.set()
-            if thread is not None:
-                await asyncio.to_thread(thread.join, 30)
+            await ctx.watcher.stop()
             console.close()
 
-    routes = [Route(path, static(path), methods=["GET"]) for path in STATIC] + [
-        Route("/api/health", health, methods=["GET"]),
-        Route("/api/info", info, methods=["GET"]),
-        Route("/api/predict", predict, methods=["POST"]),
-        Route("/api/results", results, methods=["GET"]),
-        Route("/api/queue", queue, methods=["GET"]),
-        Route("/api/image/{item_id}", thumb, methods=["GET"]),
-        Route("/api/label", label, methods=["POST"]),
-        Route("/api/train", train, methods=["POST"]),
-        Route("/api/add-class", add_class, methods=["POST"]),
-        Route("/api/history", history, methods=["GET"]),
-        Route("/api/promote", promote, methods=["POST"]),
-        Route("/api/rollback", rollback, methods=["POST"]),
-        Route("/api/drift", drift, methods=["GET"]),
-        Route("/api/confusion", confusion, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ]
+    routes = [Route(path, static(path), methods=["GET"]) for path in STATIC] + \
+        [Route(path, handler, methods=[method]) for path, handler, method in API]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         EdgeTLError: on_edgetl_error, LookupError: on_lookup, HTTPException: on_http, _TooLarge: on_too_large,
         Exception: on_crash})
+    app.state.ctx = ctx
     return Guard(app, settings)
 
 
@@ -384,4 +452,4 @@ def _item_id(raw: object) -> int:
     return value
 
 
-__all__ = ["Guard", "ServeSettings", "create_app", "is_loopback"]
+__all__ = ["API", "Context", "Guard", "ServeSettings", "WatcherThread", "create_app", "is_loopback"]

@@ -8,24 +8,51 @@ An image earns its place by how much a label would teach the head:
   2001; Settles 2009 §3.1). The normalised entropy is reported beside it;
 - **novelty** — how far the image's novelty score lies *beyond* the novelty threshold (the 95th percentile of held-out
   known images, :class:`edgetl.novelty.Novelty`): ``score / threshold - 1`` when positive. Images unlike every known
-  class (perhaps a class the head does not know yet) must reach a person even when the head is (wrongly) confident.
+  class (perhaps a class the head does not know yet) must reach a person even when the head is (wrongly) confident;
+- **spread** — a person labels a page of the queue, then trains. The most uncertain images are often near-copies of
+  one another (the same pair of classes, the same kind of picture); a page of them teaches what one of them does. So,
+  given the embeddings, the uncertainty places of each page of :data:`BATCH` are filled from the
+  :data:`WINDOW` × :data:`BATCH` most uncertain images not yet placed by uncertainty-weighted k-means in the
+  (L2-normalised) embedding space: one image per cluster, the one nearest its centre, the page then ordered by
+  uncertainty (diverse mini-batch active learning, Zhdanov 2019). Only the first :data:`SPREAD_PLACES` places are
+  spread so (nobody labels more before training); the rest follow by uncertainty alone.
 
-The two are interleaved, not added: one place in every :data:`NOVEL_EVERY` (the first, the eleventh, …) goes to the
-most novel image beyond the threshold not yet placed; every other place to the most uncertain one. Arrival order plays
-no part. (An additive mix, ``0.7 × uncertainty + 0.3 × novelty``, was measured first: on a closed set of classes the
-novelty term pulled in outliers and cost accuracy; interleaving bounds that cost to one label in ten while a new class
-still reaches the top of the queue — see the README's measurement.)
+Novelty and uncertainty are interleaved, not added: one place in every :data:`NOVEL_EVERY` (the first, the eleventh,
+…) goes to the most novel image beyond the threshold not yet placed; every other place to an uncertain one. Arrival
+order plays no part. (An additive mix, ``0.7 × uncertainty + 0.3 × novelty``, was measured first: on a closed set of
+classes the novelty term pulled in outliers and cost accuracy; interleaving bounds that cost to one label in ten while a
+new class still reaches the top of the queue. The spread was chosen on a validation split of the training pool, never
+on the test images — see the README's measurement.)
+
+:func:`rank_head` is the one entry point for a head and embeddings: the console's queue and
+``tools/measure_active_learning.py`` both call it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from edgetl.novelty import calibrated_proba
+
+if TYPE_CHECKING:
+    from edgetl.novelty import Novelty
+
 #: one place in this many goes to the most novel image beyond the threshold (0: uncertainty only)
 NOVEL_EVERY = 10
+#: a page of the queue: the places spread over the embedding space together
+BATCH = 20
+#: a page's uncertainty places are chosen among this many times BATCH most uncertain images (1: no spread)
+WINDOW = 10
+#: the first places of the queue that are spread; the rest follow by uncertainty
+SPREAD_PLACES = 100
+#: k-means iterations (Lloyd) after the k-means++ start
+KMEANS_ITERATIONS = 20
+
+FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -35,18 +62,25 @@ class Ranking:
     its place through a novelty place."""
 
     order: npt.NDArray[np.int64]
-    priority: npt.NDArray[np.float64]
-    margin: npt.NDArray[np.float64]
-    entropy: npt.NDArray[np.float64]
-    novelty_term: npt.NDArray[np.float64] | None
+    priority: FloatArray
+    margin: FloatArray
+    entropy: FloatArray
+    novelty_term: FloatArray | None
     by_novelty: npt.NDArray[np.bool_]
 
 
-def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | None = None,
-         threshold: float | None = None, novel_every: int = NOVEL_EVERY) -> Ranking:
-    """The queue order of images with calibrated probabilities ``proba`` ``(N, C)`` and, when the head has a novelty
-    model, novelty scores ``(N,)`` and its ``threshold``: places ``0, k, 2k, …`` (``k`` = ``novel_every``) to the most
-    novel images beyond the threshold (while there are any), the others by uncertainty. Ties keep the given order."""
+@dataclass(frozen=True)
+class HeadRanking:
+    """A :class:`Ranking` with what it was computed from: calibrated probabilities ``(N, C)`` and novelty scores
+    ``(N,)`` (None without a novelty model)."""
+
+    ranking: Ranking
+    proba: npt.NDArray[np.floating]
+    novelty: npt.NDArray[np.floating] | None
+
+
+def uncertainty_scores(proba: npt.NDArray[np.floating]) -> tuple[FloatArray, FloatArray]:
+    """``(margin, normalised entropy)`` of probabilities ``(N, C)``, each ``(N,)``."""
     p = np.asarray(proba, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"proba must be (N, C), found shape {p.shape}")
@@ -58,31 +92,145 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
         margin = np.ones(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1) / (np.log(c) if c > 1 else 1.0)
-    uncertainty = 1.0 - margin
-    by_uncertainty = np.argsort(-uncertainty, kind="stable")
-    by_novelty = np.zeros(n, dtype=bool)
-    novelty_term = None
-    if novelty is None or not threshold or novel_every < 1:
-        return Ranking(by_uncertainty.astype(np.int64), uncertainty, margin, entropy, novelty_term, by_novelty)
+    return margin, entropy
+
+
+def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
+                iterations: int = KMEANS_ITERATIONS) -> npt.NDArray[np.int64]:
+    """``k`` distinct rows of ``Z`` ``(M, D)`` spread over its space: weighted k-means (k-means++ start drawn with
+    ``seed``, the heaviest row first), then for each centre the nearest row not yet taken. Returns row indices
+    ``(k,)`` (all rows when ``k >= M``)."""
+    m = len(Z)
+    if k >= m:
+        return np.arange(m, dtype=np.int64)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    w = np.maximum(np.asarray(weight, dtype=np.float64), 1e-12)
+    sq = (Z * Z).sum(axis=1)
+    rng = np.random.default_rng(seed)
+    centres = [int(np.argmax(w))]
+    d2 = np.maximum(sq + sq[centres[0]] - 2.0 * Z @ Z[centres[0]], 0.0)
+    for _ in range(1, k):
+        p = w * d2
+        total = p.sum()
+        nxt = int(rng.choice(m, p=p / total)) if total > 0 else int(np.argmin(np.isin(np.arange(m), centres)))
+        centres.append(nxt)
+        d2 = np.minimum(d2, np.maximum(sq + sq[nxt] - 2.0 * Z @ Z[nxt], 0.0))
+    C = Z[centres].copy()
+    for _ in range(iterations):
+        assign = np.argmin(sq[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :], axis=1)
+        moved = C.copy()
+        for j in range(k):
+            member = assign == j
+            if member.any():
+                moved[j] = (w[member, None] * Z[member]).sum(axis=0) / w[member].sum()
+        if np.allclose(moved, C):
+            break
+        C = moved
+    D = sq[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :]
+    taken = np.zeros(m, dtype=bool)
+    picked = []
+    for j in np.argsort(D.min(axis=0), kind="stable"):  # the tightest centres choose first
+        row = next(int(i) for i in np.argsort(D[:, j], kind="stable") if not taken[i])
+        taken[row] = True
+        picked.append(row)
+    return np.asarray(picked, dtype=np.int64)
+
+
+def _novelty_queue(novelty: npt.NDArray[np.floating], threshold: float) -> tuple[FloatArray, list[int]]:
+    """``(novelty term (N,), images beyond the threshold, most novel first)``."""
     excess = np.asarray(novelty, dtype=np.float64) / float(threshold) - 1.0
-    novelty_term = np.clip(excess, 0.0, None)
-    novel = [int(i) for i in np.argsort(-excess, kind="stable") if excess[i] > 0]
+    return np.clip(excess, 0.0, None), [int(i) for i in np.argsort(-excess, kind="stable") if excess[i] > 0]
+
+
+def _next_unplaced(ranked: list[int], placed: npt.NDArray[np.bool_], start: int, count: int) -> tuple[int, list[int]]:
+    """The first ``count`` images of ``ranked`` from ``start`` on that are not ``placed`` yet, and where the next
+    unplaced one may be (the new start)."""
+    while start < len(ranked) and placed[ranked[start]]:
+        start += 1
+    out = []
+    for i in ranked[start:]:
+        if len(out) == count:
+            break
+        if not placed[i]:
+            out.append(i)
+    return start, out
+
+
+def _normalised(features: npt.ArrayLike) -> FloatArray:
+    Z = np.asarray(features, dtype=np.float64)
+    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+
+
+def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | None = None,
+         threshold: float | None = None, novel_every: int = NOVEL_EVERY,
+         features: npt.NDArray[np.floating] | None = None, batch: int = BATCH, window: int = WINDOW,
+         spread_places: int = SPREAD_PLACES, seed: int = 0) -> Ranking:
+    """The queue order of images with calibrated probabilities ``proba`` ``(N, C)``; when the head has a novelty
+    model, their novelty scores ``(N,)`` and its ``threshold``; when known, their embeddings ``features`` ``(N, D)``.
+
+    Places ``0, k, 2k, …`` (``k`` = ``novel_every``) go to the most novel images beyond the threshold (while there are
+    any), the others by uncertainty; with ``features``, the uncertainty places of each page of ``batch`` within the
+    first ``spread_places`` are spread (see the module docstring; ``window`` ≤ 1 or no features: uncertainty order).
+    Ties keep the given order; the same inputs give the same order (``seed``)."""
+    margin, entropy = uncertainty_scores(proba)
+    n = len(margin)
+    uncertainty = 1.0 - margin
+    by_uncertainty = [int(i) for i in np.argsort(-uncertainty, kind="stable")]
+    novelty_term, novel = None, []
+    if novelty is not None and threshold and novel_every >= 1:
+        novelty_term, novel = _novelty_queue(novelty, threshold)
+    if features is not None and len(features) != n:
+        raise ValueError(f"features must have one row per image ({n}), found {len(features)}")
+    Z = _normalised(features) if features is not None and window > 1 and batch > 1 else None
     order = np.empty(n, dtype=np.int64)
     placed = np.zeros(n, dtype=bool)
+    by_novelty = np.zeros(n, dtype=bool)
     u = v = 0
-    for pos in range(n):
-        if pos % novel_every == 0:
+    for start in range(0, n, max(batch, 1)):
+        page = range(start, min(start + max(batch, 1), n))
+        novel_places = {pos for pos in page if novel_every >= 1 and pos % novel_every == 0}
+        for pos in sorted(novel_places):
             while v < len(novel) and placed[novel[v]]:
                 v += 1
             if v < len(novel):
                 order[pos] = novel[v]
                 placed[novel[v]] = by_novelty[novel[v]] = True
-                continue
-        while placed[by_uncertainty[u]]:
-            u += 1
-        order[pos] = by_uncertainty[u]
-        placed[by_uncertainty[u]] = True
+            else:
+                novel_places.discard(pos)
+        free = [pos for pos in page if pos not in novel_places]
+        spread = Z is not None and start < spread_places
+        u, candidates = _next_unplaced(by_uncertainty, placed, u, window * len(free) if spread else len(free))
+        if spread and Z is not None and len(candidates) > len(free):
+            cand = np.asarray(candidates)
+            chosen = cand[spread_pick(Z[cand], uncertainty[cand], len(free), seed + start)]
+            chosen = chosen[np.argsort(-uncertainty[chosen], kind="stable")]
+        else:
+            chosen = np.asarray(candidates[:len(free)], dtype=np.int64)
+        for pos, i in zip(free, chosen):
+            order[pos] = i
+            placed[i] = True
     return Ranking(order, uncertainty, margin, entropy, novelty_term, by_novelty)
 
 
-__all__ = ["NOVEL_EVERY", "Ranking", "rank"]
+def rank_head(head: Any, X: npt.NDArray[np.floating], temperature: float | None = None,
+              novelty_model: Novelty | None = None, **options: Any) -> HeadRanking:
+    """The queue order of embeddings ``X`` ``(N, D)`` under ``head`` with its fitted ``temperature`` and novelty
+    model (either may be None): :func:`rank` of the calibrated probabilities, the novelty scores and ``X`` itself.
+    ``options`` go to :func:`rank` (``novel_every=0``, ``window=1``: the ablations)."""
+    proba = calibrated_proba(head, X, temperature)
+    scores = novelty_model.score(X) if novelty_model is not None else None
+    threshold = novelty_model.threshold if novelty_model is not None else None
+    return HeadRanking(rank(proba, scores, threshold, features=X, **options), proba, scores)
+
+
+def describe(novel_every: int = NOVEL_EVERY, batch: int = BATCH, window: int = WINDOW) -> str:
+    """The ranking in one sentence (``GET /api/queue`` shows it)."""
+    return (f"1 place in {novel_every} (the first, ...) to the most novel image beyond the unknown threshold, the "
+            f"others by uncertainty (1 - margin of the calibrated probabilities); the first places in pages of "
+            f"{batch} spread over the embedding space (one per k-means cluster of the {window * batch} most "
+            "uncertain)")
+
+
+__all__ = ["BATCH", "NOVEL_EVERY", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "describe", "rank", "rank_head",
+           "spread_pick", "uncertainty_scores"]

@@ -1,0 +1,108 @@
+"""The label queue's ranking (numpy only; no serve extra needed): the spread of a page over the embedding space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetl.serve.queue import BATCH, WINDOW, rank, rank_head, spread_pick
+
+
+def _two_groups(n_a: int = 12, n_b: int = 4, n_easy: int = 20, dim: int = 8,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(N, 2)`` and embeddings ``(N, dim)``: group A, near-copies the head is most unsure of
+    (margins 0.00-0.11); group B, unsure too but a little less (margins 0.2-0.23) and elsewhere in the space; then easy
+    images (margins 0.8-0.99)."""
+    rng = np.random.default_rng(seed)
+    margins = np.concatenate([np.linspace(0.0, 0.11, n_a), np.linspace(0.2, 0.23, n_b), np.linspace(0.8, 0.99, n_easy)])
+    p1 = (1 + margins) / 2
+    proba = np.stack([p1, 1 - p1], axis=1)
+    centres = np.eye(dim)[[0, 1, 2]] * 10
+    group = np.repeat([0, 1, 2], [n_a, n_b, n_easy])
+    X = centres[group] + rng.normal(scale=0.05, size=(len(group), dim))
+    return proba, X
+
+
+def test_a_page_is_spread_over_the_space() -> None:
+    proba, X = _two_groups()
+    plain = rank(proba, batch=4).order[:4]
+    assert set(plain.tolist()) <= set(range(12))  # by uncertainty alone: four near-copies of group A
+    spread = rank(proba, features=X, batch=4, window=4).order
+    first = spread[:4].tolist()
+    assert any(i < 12 for i in first) and any(12 <= i < 16 for i in first), first  # both groups on the first page
+    assert all(i < 16 for i in first)  # but only uncertain images: the page comes from the window's 16
+    # within the page, by uncertainty
+    u = 1 - np.abs(proba[:, 0] - proba[:, 1])
+    assert [u[i] for i in first] == sorted((u[i] for i in first), reverse=True)
+    assert sorted(spread.tolist()) == list(range(len(proba)))  # every image once
+
+
+def test_spread_stays_within_the_window() -> None:
+    """An easy image far from everything is never pulled onto a page by its distance alone."""
+    proba, X = _two_groups(n_b=0)
+    order = rank(proba, features=X, batch=4, window=2).order
+    assert all(i < 8 for i in order[:4])  # the 2 x 4 most uncertain images
+
+
+def test_without_features_or_window_it_is_uncertainty_order() -> None:
+    proba, X = _two_groups()
+    by_margin = np.argsort(np.abs(proba[:, 0] - proba[:, 1]), kind="stable").tolist()
+    assert rank(proba).order.tolist() == by_margin
+    assert rank(proba, features=X, window=1).order.tolist() == by_margin
+    assert rank(proba, features=X, spread_places=0).order.tolist() == by_margin
+
+
+def test_spread_only_on_the_first_places() -> None:
+    proba, X = _two_groups(n_a=40, n_b=10, n_easy=30)
+    order = rank(proba, features=X, batch=4, window=4, spread_places=8).order
+    by_margin = np.argsort(np.abs(proba[:, 0] - proba[:, 1]), kind="stable")
+    rest = [i for i in by_margin.tolist() if i not in set(order[:8].tolist())]
+    assert order[8:].tolist() == rest
+
+
+def test_novelty_places_kept_with_spread() -> None:
+    proba, X = _two_groups()
+    novelty = np.full(len(proba), 0.5)
+    novelty[[30, 20]] = [3.0, 2.0]  # two easy images beyond the threshold, 30 the more novel
+    r = rank(proba, novelty, threshold=1.0, novel_every=4, features=X, batch=8)
+    assert r.order[0] == 30 and r.order[4] == 20
+    assert r.by_novelty.sum() == 2 and r.by_novelty[[30, 20]].all()
+    assert not r.by_novelty[r.order[[1, 2, 3, 5, 6, 7]]].any()
+
+
+def test_same_inputs_same_order() -> None:
+    rng = np.random.default_rng(3)
+    proba = rng.dirichlet(np.ones(5), 300)
+    X = rng.normal(size=(300, 16))
+    a = rank(proba, features=X).order
+    assert a.tolist() == rank(proba, features=X).order.tolist()
+    assert sorted(a.tolist()) == list(range(300))
+    assert len(set(a[:BATCH].tolist())) == BATCH
+    u = 1 - np.abs(np.diff(-np.sort(-proba, axis=1)[:, :2], axis=1)[:, 0])
+    window = set(np.argsort(-u, kind="stable")[:WINDOW * BATCH].tolist())
+    assert set(a[:BATCH].tolist()) <= window
+
+
+def test_spread_pick() -> None:
+    Z = np.array([[0.0, 0.0], [0.01, 0.0], [0.0, 0.01], [5.0, 5.0], [5.01, 5.0]])
+    picked = spread_pick(Z, np.ones(5), 2)
+    assert len(set(picked.tolist())) == 2 and {int(i) < 3 for i in picked} == {True, False}
+    assert spread_pick(Z, np.ones(5), 9).tolist() == [0, 1, 2, 3, 4]
+    assert spread_pick(Z, np.ones(5), 0).tolist() == []
+
+
+def test_rank_head_without_novelty_model() -> None:
+    from edgetl.heads import make_head
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (30, 6)), rng.normal(2, 1, (30, 6))]).astype(np.float32)
+    y = np.repeat([0, 1], 30)
+    head = make_head("softmax", l2=0.1, seed=0).fit(X, y)
+    ranked = rank_head(head, X)
+    r = ranked.ranking
+    assert ranked.novelty is None and r.novelty_term is None and not r.by_novelty.any()
+    assert ranked.proba.shape == (60, 2)
+    np.testing.assert_allclose(ranked.proba, head.predict_proba(X))  # no temperature: the head's own
+    assert sorted(r.order.tolist()) == list(range(60))
+    with pytest.raises(ValueError, match="one row per image"):
+        rank(ranked.proba, features=X[:10])
