@@ -72,11 +72,12 @@ def test_novelty_places_kept_with_spread() -> None:
 
 def test_same_inputs_same_order() -> None:
     rng = np.random.default_rng(3)
-    proba = rng.dirichlet(np.ones(5), 300)
-    X = rng.normal(size=(300, 16))
+    n = 3 * WINDOW * BATCH
+    proba = rng.dirichlet(np.ones(5), n)
+    X = rng.normal(size=(n, 16))
     a = rank(proba, features=X).order
     assert a.tolist() == rank(proba, features=X).order.tolist()
-    assert sorted(a.tolist()) == list(range(300))
+    assert sorted(a.tolist()) == list(range(n))
     assert len(set(a[:BATCH].tolist())) == BATCH
     u = 1 - np.abs(np.diff(-np.sort(-proba, axis=1)[:, :2], axis=1)[:, 0])
     window = set(np.argsort(-u, kind="stable")[:WINDOW * BATCH].tolist())
@@ -106,3 +107,21 @@ def test_rank_head_without_novelty_model() -> None:
     assert sorted(r.order.tolist()) == list(range(60))
     with pytest.raises(ValueError, match="one row per image"):
         rank(ranked.proba, features=X[:10])
+
+
+def test_spread_is_measured_where_the_head_looks() -> None:
+    """The softmax head standardises the embeddings: the spread is measured there, not on the raw embeddings."""
+    from edgetl.heads import make_head
+    from edgetl.serve.queue import head_space
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 5)).astype(np.float32) * np.array([100.0, 1, 1, 1, 1], dtype=np.float32)
+    y = (X[:, 1] > 0).astype(np.int64)
+    head = make_head("softmax", l2=0.1, seed=0).fit(X, y)
+    Z = head_space(head, X)
+    np.testing.assert_allclose(Z, (X - head.mean_) / head.scale_, rtol=1e-5)
+    assert np.allclose(Z.std(axis=0), 1.0, atol=0.05)  # the raw first column (scale 100) no longer dominates
+    ranked = rank_head(head, X)
+    assert ranked.ranking.order.tolist() == rank(ranked.proba, features=Z).order.tolist()
+    ncm = make_head("ncm").fit(X, y)  # works on the embeddings themselves
+    assert head_space(ncm, X) is X

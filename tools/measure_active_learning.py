@@ -171,16 +171,20 @@ def plot(result: dict, out: Path) -> None:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
         d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
                fill="#c0392b", font=font)
-    legend = {"active": "active: the console's label queue (uncertainty, pages spread, 1 place in 10 novelty)",
-              "no-spread": "no spread: the queue without the spread of a page (the previous queue)",
+    legend = {"active": "active: the console's queue (uncertainty, pages spread, 1 in 10 novelty)",
+              "no-spread": "no spread: the same without the spread (the previous queue)",
               "margin": "margin only: uncertainty order alone", "random": "random: random order"}
     for k, name in enumerate(n for n in legend if n in curves):
-        d.text((px(xmax * 0.45, 0)[0], px(0, ylo)[1] - 70 + 18 * k), legend[name], fill=colours[name], font=font)
+        d.text((px(xmax * 0.3, 0)[0], px(0, ylo)[1] - 90 + 18 * k), legend[name], fill=colours[name], font=font)
     s = result["settings"]
     evaluated = s.get("evaluated_on", f"{s['test']} images of the test split")
-    d.text((W / 2, 8), f"Fashion-MNIST, MobileNetV2 64 px embeddings: pool {s['pool'] - s.get('validation', 0)} (train "
-           f"split); evaluated on {evaluated}, never trained on; mean of {s.get('trials', 1)} trials", fill="black",
-           font=font, anchor="ma")
+    d.text((W / 2, 8), f"Fashion-MNIST, MobileNetV2 64 px: pool {s['pool'] - s.get('validation', 0)} (train split), "
+           f"evaluated on {evaluated}; mean of {s.get('trials', 1)} trials", fill="black", font=font, anchor="ma")
+    half = ref["labels"] // 2
+    if half < xmax:  # the target: the reference with half its labels
+        d.line([px(half, ylo), px(half, yhi)], fill="#95a5a6", width=1)
+        d.text((px(half, ylo)[0] - 4, px(half, ylo)[1] - 36), f"target: {half} labels", fill="#7f8c8d", font=font,
+               anchor="ra")
     d.text((W / 2, H - 22), "labels spent", fill="black", font=font, anchor="ma")
     d.text((8, top - 20), "test accuracy", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)

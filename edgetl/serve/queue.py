@@ -11,18 +11,20 @@ An image earns its place by how much a label would teach the head:
   class (perhaps a class the head does not know yet) must reach a person even when the head is (wrongly) confident;
 - **spread** — a person labels a page of the queue, then trains. The most uncertain images are often near-copies of
   one another (the same pair of classes, the same kind of picture); a page of them teaches what one of them does. So,
-  given the embeddings, the uncertainty places of each page of :data:`BATCH` are filled from the
-  :data:`WINDOW` × :data:`BATCH` most uncertain images not yet placed by uncertainty-weighted k-means in the
-  (L2-normalised) embedding space: one image per cluster, the one nearest its centre, the page then ordered by
-  uncertainty (diverse mini-batch active learning, Zhdanov 2019). Only the first :data:`SPREAD_PLACES` places are
-  spread so (nobody labels more before training); the rest follow by uncertainty alone.
+  given the embeddings, the uncertainty places of each page of :data:`BATCH` are filled from the :data:`WINDOW` most
+  uncertain images per place (not yet placed) by uncertainty-weighted k-means in the space the head sees
+  (:func:`head_space`: the softmax head's standardised embeddings), L2-normalised: one image per cluster, the one
+  nearest its centre, the page then ordered by uncertainty (diverse mini-batch active learning, Zhdanov 2019). Only
+  the first :data:`SPREAD_PLACES` places are spread so (nobody labels more before training); the rest follow by
+  uncertainty alone.
 
 Novelty and uncertainty are interleaved, not added: one place in every :data:`NOVEL_EVERY` (the first, the eleventh,
-…) goes to the most novel image beyond the threshold not yet placed; every other place to an uncertain one. Arrival
-order plays no part. (An additive mix, ``0.7 × uncertainty + 0.3 × novelty``, was measured first: on a closed set of
-classes the novelty term pulled in outliers and cost accuracy; interleaving bounds that cost to one label in ten while a
-new class still reaches the top of the queue. The spread was chosen on a validation split of the training pool, never
-on the test images — see the README's measurement.)
+…) goes to the most novel image beyond the threshold not yet placed (a page's novelty places are filled before its
+uncertainty places); every other place to an uncertain one. Arrival order plays no part. (An additive mix,
+``0.7 × uncertainty + 0.3 × novelty``, was measured first: on a closed set of classes the novelty term pulled in
+outliers and cost accuracy; interleaving bounds that cost to one label in ten while a new class still reaches the top
+of the queue. The spread was chosen on a validation split of the training pool, never on the test images — see the
+README's measurement, which also shows that the spread did not bring the queue to its 500-label target.)
 
 :func:`rank_head` is the one entry point for a head and embeddings: the console's queue and
 ``tools/measure_active_learning.py`` both call it.
@@ -45,8 +47,8 @@ if TYPE_CHECKING:
 NOVEL_EVERY = 10
 #: a page of the queue: the places spread over the embedding space together
 BATCH = 20
-#: a page's uncertainty places are chosen among this many times BATCH most uncertain images (1: no spread)
-WINDOW = 10
+#: a page's uncertainty places are chosen among this many most uncertain images per place (1: no spread)
+WINDOW = 20
 #: the first places of the queue that are spread; the rest follow by uncertainty
 SPREAD_PLACES = 100
 #: k-means iterations (Lloyd) after the k-means++ start
@@ -216,21 +218,35 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
 def rank_head(head: Any, X: npt.NDArray[np.floating], temperature: float | None = None,
               novelty_model: Novelty | None = None, **options: Any) -> HeadRanking:
     """The queue order of embeddings ``X`` ``(N, D)`` under ``head`` with its fitted ``temperature`` and novelty
-    model (either may be None): :func:`rank` of the calibrated probabilities, the novelty scores and ``X`` itself.
+    model (either may be None): :func:`rank` of the calibrated probabilities, the novelty scores and the embeddings
+    as the head sees them (:func:`head_space`).
     ``options`` go to :func:`rank` (``novel_every=0``, ``window=1``: the ablations)."""
     proba = calibrated_proba(head, X, temperature)
     scores = novelty_model.score(X) if novelty_model is not None else None
     threshold = novelty_model.threshold if novelty_model is not None else None
-    return HeadRanking(rank(proba, scores, threshold, features=X, **options), proba, scores)
+    return HeadRanking(rank(proba, scores, threshold, features=head_space(head, X), **options), proba, scores)
+
+
+def head_space(head: Any, X: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+    """Embeddings ``(N, D)`` as ``head`` sees them, where the spread is measured: its own ``transform`` (the
+    multi-depth head's columns, standardised), its standardisation ``(X - mean_) / scale_`` (the softmax head), else
+    ``X`` as it is (heads that work on the normalised embeddings themselves)."""
+    transform = getattr(head, "transform", None)
+    if callable(transform):
+        return np.asarray(transform(X))
+    mean, scale = getattr(head, "mean_", None), getattr(head, "scale_", None)
+    if isinstance(mean, np.ndarray) and isinstance(scale, np.ndarray) and mean.shape == scale.shape == X.shape[1:]:
+        return (np.asarray(X, dtype=np.float64) - mean) / scale
+    return X
 
 
 def describe(novel_every: int = NOVEL_EVERY, batch: int = BATCH, window: int = WINDOW) -> str:
     """The ranking in one sentence (``GET /api/queue`` shows it)."""
     return (f"1 place in {novel_every} (the first, ...) to the most novel image beyond the unknown threshold, the "
             f"others by uncertainty (1 - margin of the calibrated probabilities); the first places in pages of "
-            f"{batch} spread over the embedding space (one per k-means cluster of the {window * batch} most "
-            "uncertain)")
+            f"{batch} spread over the embedding space (one per k-means cluster of the {window} most uncertain per "
+            "place)")
 
 
-__all__ = ["BATCH", "NOVEL_EVERY", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "describe", "rank", "rank_head",
-           "spread_pick", "uncertainty_scores"]
+__all__ = ["BATCH", "NOVEL_EVERY", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "describe", "head_space",
+           "rank", "rank_head", "spread_pick", "uncertainty_scores"]
