@@ -241,10 +241,12 @@ class DeviceRuntime:
         return Predictor(self.versions, window)
 
     def predictions(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 1,
-                    progress: Progress = no_progress) -> list[Prediction]:
+                    progress: Progress = no_progress, predictor: Predictor | None = None) -> list[Prediction]:
         """Top-k classes with calibrated probabilities for each item, and whether it looks unlike every known class
-        (``unknown``: its novelty score exceeds the threshold set on held-out local data)."""
-        items, predictor = list(paths), self.predictor(window=None)  # one-off predictions: no rolling drift
+        (``unknown``: its novelty score exceeds the threshold set on held-out local data). A long-running caller passes
+        its own ``predictor`` (``self.predictor(window=None)``), so the head is read once, not at every call."""
+        items = list(paths)
+        predictor = predictor or self.predictor(window=None)  # one-off predictions: no rolling drift
         predictor.refresh()  # no head: refused before anything is embedded
         return predictor.classify(self.embed_items(items, progress=progress), top_k, items)
 

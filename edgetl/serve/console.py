@@ -88,6 +88,9 @@ class Console:
         self.labels = LabelBook(self.results.with_name(LABELS_FILE) if self.results is not None else None)
         self.candidates = CandidatePool(runtime, self.log, self.labels, pool)
         self._uploads = Uploads()
+        #: the head uploads are classified with, read once and again only when the current version changes
+        self._predictor = runtime.predictor(window=None)
+        self._predict = threading.Lock()  # the predictor swaps its head in place: one classification at a time
         self._update_head_metric()
 
     def close(self) -> None:
@@ -118,14 +121,15 @@ class Console:
     # --------------------------------------------------------------------------------------------------- predict
     def predict_upload(self, data: bytes, top_k: int = 3) -> dict[str, Any]:
         """Classify uploaded image bytes exactly as ``edgetl device predict --json`` classifies a file (the same
-        :meth:`DeviceRuntime.predict`, decode budget included); ``path`` is ``"upload"``."""
+        :meth:`DeviceRuntime.predictions`, decode budget included; the head read once); ``path`` is ``"upload"``."""
         if not data:
             raise DataError("the upload is empty; send the image's bytes as the request body")
         tmp = self._uploads.write(data)
         try:
             start = time.perf_counter()
             try:
-                result = self.runtime.predict([tmp], top_k=top_k)[0]
+                with self._predict:
+                    result = self.runtime.predictions([tmp], top_k, predictor=self._predictor)[0].as_dict()
             except DataError as exc:
                 raise DataError(str(exc).replace(str(tmp), "the upload")) from None
             self.metrics.latency.observe(time.perf_counter() - start)
