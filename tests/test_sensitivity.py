@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.host
 pytest.importorskip("torch")  # edgetl.host needs the host extra
 
-from edgetl.host.sensitivity import Trial, candidates, first_float_convs, mean_cosine
+from edgetl.host.sensitivity import PLATEAU, Trial, candidates, first_float_convs, mean_cosine
 
 REFERENCE = np.random.default_rng(0).normal(size=(32, 64))
 NOISE = np.random.default_rng(1).normal(size=(32, 64))
@@ -63,3 +63,17 @@ def test_candidates_follow_the_steps_the_graph_allows() -> None:
 def test_zero_float_convs_allowed_is_one_trial() -> None:
     search = first_float_convs(lambda k: REFERENCE + NOISE, lambda e: e, REFERENCE, [0], target=1.0)
     assert search.trials == [search.best] and isinstance(search.best, Trial) and search.best.float_convs == 0
+
+
+def test_without_a_k_reaching_the_target_the_smallest_k_on_the_plateau_is_kept() -> None:
+    # k = 3 is the best by less than the plateau over k = 1: the float convolutions k = 2, 3 would buy nothing
+    cosines = {}
+    noise = {0: 1.0, 1: 0.2005, 2: 0.6, 3: 0.2}
+    for k, n in noise.items():
+        cosines[k] = mean_cosine(REFERENCE, REFERENCE + n * NOISE)
+    assert 0 < cosines[3] - cosines[1] < PLATEAU and cosines[3] == max(cosines.values())
+    search = first_float_convs(lambda k: REFERENCE + noise[k] * NOISE, lambda e: e, REFERENCE, [0, 1, 2, 3],
+                               target=0.9999)
+    assert len(search.trials) == 4 and search.best.float_convs == 1
+    np.testing.assert_array_equal(search.quantized, REFERENCE + noise[1] * NOISE)
+    assert search.record(0.9999)["mixed_precision"]["plateau"] == PLATEAU

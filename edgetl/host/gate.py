@@ -138,6 +138,10 @@ class Gate:
             pred[self.folds == f] = head.predict(embeddings[self.folds == f])
         return pred
 
+    def agreement(self, embeddings: np.ndarray) -> float:
+        """Top-1 agreement of the reference heads between a graph's embeddings of the held-out inputs and FP32's."""
+        return float((self._reference_predict(embeddings) == self.ref_pred).mean())
+
     def measure(self, extractor: Any) -> tuple[dict[str, Any], np.ndarray]:
         """(fidelity and accuracy report, the graph's embeddings of the held-out inputs)."""
         emb = embed_batches(extractor.embed, self.held)
@@ -149,7 +153,7 @@ class Gate:
                        for name, part in self.groups}
         return {"max_abs_diff": cos["max_abs_diff"], "min_cosine": cos["min_cosine"],
                 "mean_cosine": float(row_cosines(self.ref_held, emb).mean()),
-                "top1_agreement": float((self._reference_predict(emb) == self.ref_pred).mean()),
+                "top1_agreement": self.agreement(emb),
                 "accuracy": accuracy, "accuracy_pytorch_fp32": self.ref_accuracy,
                 "drop_points": round(100 * (self.ref_accuracy - accuracy), 2), "n_images": len(self.held),
                 **({"group_drop_points": group_drops} if group_drops else {})}, emb

@@ -89,8 +89,10 @@ INT8_ACTIVATIONS, INT8_WEIGHTS, INT8_DEPTHWISE_WEIGHTS = "uint8", "uint8", "int8
 #: activation ranges: the 99.99th percentile of the calibration activations (MinMax lets a few outliers set the scale)
 INT8_CALIBRATION, INT8_PERCENTILE = "Percentile", 99.99
 #: mixed precision: the graph's first convolutions (raw normalised pixels in, the widest ranges) stay FP32, as many as
-#: it takes for the calibration images' mean cosine to FP32 to reach this, trying these numbers of float convolutions
-INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.99, (0, 1, 2, 3, 4)
+#: it takes for the calibration images' mean cosine to FP32 to reach this, trying these numbers of float convolutions.
+#: Up to 12, not 4: EfficientNet-Lite0 on 64-px digits stays below 0.99 with 0-4 float (held-out minimum cosine 0.88,
+#: reference-head agreement 0.89) and reaches 0.997 with 6
+INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.99, (0, 1, 2, 3, 4, 6, 8, 10, 12)
 
 
 def _run(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:

@@ -42,8 +42,11 @@ INT8_RECIPE = "static_wi8_ai8"
 #: (0.969), a float MEAN (0.970) and the MSE algorithm (0.750) did not help; the held-out images are never used here.
 #: EfficientNet-Lite0: all-int8 0.977, first four float 0.986, and the fifth and sixth convolutions are the next most
 #: sensitive (one at a time: 0.989, 0.991; any later one 0.983-0.985); first five 0.993 (reference-head agreement
-#: 0.942), first six 0.9965 (agreement 0.9625): the agreement limit (0.95) needs more than 0.99, hence 0.995.
-INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.995, (0, 1, 2, 3, 4, 5, 6)
+#: 0.942), first six 0.9965 (agreement 0.9625): the agreement limit (0.95) needs more than 0.99. On 64-px digits the
+#: first five reach 0.9957 on the calibration images but agree only 0.933 on held-out ones, the first six 0.9975 / 0.953
+#: (every k: tools/int8_sensitivity_sweep.py, docs/results/int8_sweep_tflite_efficientnet_lite0_digits.json), hence
+#: 0.997.
+INT8_CALIB_COSINE, INT8_FLOAT_CONVS = 0.997, (0, 1, 2, 3, 4, 5, 6, 8, 10, 12)
 #: the op types counted as convolutions by the mixed-precision search, in graph order
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 #: intermediate FP32 graph that :func:`to_int8` writes into ``ctx.workdir``
