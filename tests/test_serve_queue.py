@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgetl.serve.queue import BATCH, WINDOW, rank, rank_head, spread_pick
+from edgetl.serve.queue import BATCH, NOVEL_FACTOR, WINDOW, class_capped, rank, rank_head, spread_pick
 
 
 def _two_groups(n_a: int = 12, n_b: int = 4, n_easy: int = 20, dim: int = 8,
@@ -125,3 +125,32 @@ def test_spread_is_measured_where_the_head_looks() -> None:
     assert ranked.ranking.order.tolist() == rank(ranked.proba, features=Z).order.tolist()
     ncm = make_head("ncm").fit(X, y)  # works on the embeddings themselves
     assert head_space(ncm, X) is X
+
+
+def test_a_novelty_place_needs_the_factor_times_the_threshold() -> None:
+    proba, X = _two_groups()
+    novelty = np.full(len(proba), 0.5)
+    novelty[[30, 20]] = [NOVEL_FACTOR + 1.0, (1.0 + NOVEL_FACTOR) / 2]  # 20: beyond the threshold, not twice it
+    r = rank(proba, novelty, threshold=1.0, novel_every=4, features=X, batch=8)
+    assert r.order[0] == 30 and r.by_novelty.sum() == 1 and not r.by_novelty[20]
+    assert r.order[4] != 20 and r.novelty_term[20] > 0  # the place went to uncertainty; the term is still reported
+    anyone = rank(proba, novelty, threshold=1.0, novel_every=4, features=X, batch=8, novel_factor=1.0)
+    assert anyone.order[0] == 30 and anyone.order[4] == 20 and anyone.by_novelty.sum() == 2
+
+
+def test_class_capped_takes_rows_in_order_up_to_the_cap_per_predicted_class() -> None:
+    predicted = [0, 0, 0, 1, 0, 1, 2]
+    proba = np.eye(3)[predicted] * 0.5 + 0.5 / 3
+    assert class_capped(proba, 3).tolist() == [0, 3, 6]  # cap 1 per class
+    assert class_capped(proba, 6).tolist() == [0, 1, 3, 5, 6]  # cap 2: class 0 stops after two
+    assert class_capped(proba, 0).tolist() == [] and class_capped(proba[:0], 4).tolist() == []
+
+
+def test_a_page_is_spread_over_the_predicted_classes() -> None:
+    # six images the head leans to class 0 on (the most uncertain), two it leans to class 1 on
+    p0 = np.array([0.51, 0.51, 0.52, 0.52, 0.53, 0.53, 0.45, 0.44])
+    proba = np.stack([p0, 1 - p0], axis=1)
+    X = np.random.default_rng(0).normal(size=(8, 4))
+    page = rank(proba, features=X, batch=4, window=2).order[:4]
+    assert sorted(np.argmax(proba[page], axis=1).tolist()) == [0, 0, 1, 1]
+    assert set(page.tolist()) == {0, 1, 6, 7}  # the two most uncertain of each class

@@ -13,7 +13,9 @@ A simulated operator answers the console's label queue (:func:`edgetl.serve.queu
   labels: **active** takes the top of the queue ranked by the current head (softmax, the device default, with its
   temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
   **no-spread** the same without the spread of a page over the embedding space (the queue before it), **margin**
-  uncertainty order alone (no novelty places, no spread), **random** takes the pool in a random order; the head is
+  uncertainty order alone (no novelty places, no spread), **no-balance** the spread without the cap per predicted
+  class, **all-novel** novelty places for any image beyond the threshold (not only at twice it), **random** takes the
+  pool in a random order; the head is
   refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
 - reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
   active reaches it with at most half as many labels.
@@ -28,6 +30,7 @@ Writes ``docs/results/active_learning.json`` and ``docs/active_learning.png``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -40,23 +43,28 @@ sys.path.insert(0, str(ROOT))
 
 from edgetl.heads import make_head
 from edgetl.novelty import Novelty, fit_temperature
-from edgetl.serve.queue import BATCH, NOVEL_EVERY, WINDOW, rank_head
+from edgetl.serve.queue import BATCH, NOVEL_EVERY, NOVEL_FACTOR, WINDOW, rank_head
 
 BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
 #: the queue's settings per strategy: "active" is the console's queue as shipped; the others switch parts off
-ABLATIONS: dict[str, dict[str, int]] = {
+ABLATIONS: dict[str, dict[str, object]] = {
     "active": {},
-    "no-spread": {"window": 1},  # the queue before the spread: uncertainty order with novelty places
+    "no-spread": {"window": 1},  # no spread of a page: uncertainty order with novelty places
     "margin": {"window": 1, "novel_every": 0},  # uncertainty order alone
+    "no-balance": {"balance": False},  # the page spread over the embedding space alone (no class cap)
+    "all-novel": {"novel_factor": 1.0},  # a novelty place for any image beyond the threshold
 }
 STRATEGIES = [*ABLATIONS, "random"]
 CACHE = ROOT / ".cache" / "active_learning"
 
 
-def embeddings(pool: int, test: int, seed: int, threads: int) -> dict[str, np.ndarray]:
+def embeddings(pool: int, test: int, seed: int, threads: int, bundle: Path = BUNDLE) -> dict[str, np.ndarray]:
     """Pool (training split) and test (test split) embeddings with labels; cached under .cache/."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    cache = CACHE / f"mnv2-64_pool{pool}_test{test}_seed{seed}.npz"
+    # the committed bundle keeps its cache name; another is named by its manifest's digest
+    name = "mnv2-64" if bundle.resolve() == BUNDLE.resolve() else \
+        f"{bundle.name}-{hashlib.sha256((bundle / 'manifest.json').read_bytes()).hexdigest()[:12]}"
+    cache = CACHE / f"{name}_pool{pool}_test{test}_seed{seed}.npz"
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
@@ -64,7 +72,7 @@ def embeddings(pool: int, test: int, seed: int, threads: int) -> dict[str, np.nd
     from edgetl.device import DeviceRuntime
 
     rng = np.random.default_rng(seed)
-    rt = DeviceRuntime(BUNDLE, backend="onnx", precision="fp32", threads=threads)
+    rt = DeviceRuntime(bundle, backend="onnx", precision="fp32", threads=threads)
     out: dict[str, np.ndarray] = {}
     for split, n, name in (("train", pool, "pool"), ("test", test, "test")):
         images, labels = load_split(split)
@@ -165,7 +173,7 @@ def plot(result: dict, out: Path) -> None:
            anchor="rd")
     colours = {"active": "#c0392b", "no-spread": "#8e44ad", "margin": "#e67e22", "random": "#2c3e50"}
     for name, c in curves.items():
-        d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours[name], width=3)
+        d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours.get(name, "#16a085"), width=3)
     reached = result["active_labels_to_reference"]
     if reached:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
@@ -193,6 +201,9 @@ def plot(result: dict, out: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, default=BUNDLE,
+                    help="Device bundle whose FP32 ONNX extractor embeds the images (default: the committed 64 px "
+                         "MobileNetV2 bundle)")
     ap.add_argument("--pool", type=int, default=10000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--validation", type=int, default=0,
@@ -206,7 +217,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--first-trial", type=int, default=0, help="Number of the first trial (its seed offset).")
     ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["active", "random"],
                     help="active: the console's queue; no-spread: the same without the spread of a page; margin: "
-                         "uncertainty order alone; random: random order")
+                         "uncertainty order alone; no-balance: no cap per predicted class on a page; "
+                         "all-novel: novelty places beyond the threshold at any factor; random: random order")
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -265,7 +277,8 @@ def main() -> None:
         plot(json.loads(args.json.read_text()), args.png)
         return
     start = time.perf_counter()
-    data = evaluation_split(embeddings(args.pool, args.test, args.seed, args.threads), args.validation, args.seed)
+    data = evaluation_split(embeddings(args.pool, args.test, args.seed, args.threads, args.bundle), args.validation,
+                            args.seed)
     ref = reference(data, args.ref_seeds, args.seed)
     print(f"reference: 100 random labels per class -> {ref['accuracy']:.4f}", file=sys.stderr)
     target = float(ref["accuracy"])  # type: ignore[arg-type]
@@ -283,10 +296,11 @@ def main() -> None:
                                       if args.validation else f"{args.test} images of the test split"),
                      "seed_per_class": args.seed_per_class, "batch": args.batch, "budget": budgets,
                      "trials": args.trials, "first_trial": args.first_trial, "seed": args.seed,
-                     "bundle": str(BUNDLE.relative_to(ROOT)),
+                     "bundle": str(args.bundle.relative_to(ROOT) if args.bundle.is_relative_to(ROOT) else args.bundle),
                      "head": "softmax (temperature from a held-out fifth for the ranking)",
                      "ranking": "edgetl.serve.queue.rank_head",
-                     "queue": {"novel_every": NOVEL_EVERY, "page": BATCH, "window": WINDOW},
+                     "queue": {"novel_every": NOVEL_EVERY, "novel_factor": NOVEL_FACTOR, "page": BATCH,
+                               "window": WINDOW},
                      "ablations": {k: v for k, v in ABLATIONS.items() if k in args.strategies}},
         "reference": ref,
         "curves": curves,

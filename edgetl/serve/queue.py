@@ -8,23 +8,30 @@ An image earns its place by how much a label would teach the head:
   2001; Settles 2009 §3.1). The normalised entropy is reported beside it;
 - **novelty** — how far the image's novelty score lies *beyond* the novelty threshold (the 95th percentile of held-out
   known images, :class:`edgetl.novelty.Novelty`): ``score / threshold - 1`` when positive. Images unlike every known
-  class (perhaps a class the head does not know yet) must reach a person even when the head is (wrongly) confident;
+  class (perhaps a class the head does not know yet) must reach a person even when the head is (wrongly) confident.
+  A novelty place needs a score of at least :data:`NOVEL_FACTOR` times the threshold: 5 % of known images lie beyond
+  the threshold by its definition, but on the validation split hardly any known image reached twice it (below 0.05 %
+  with all ten classes known from 100–500 labels), while the most novel images of a class the head did not know lay
+  at 2–4 times it;
 - **spread** — a person labels a page of the queue, then trains. The most uncertain images are often near-copies of
   one another (the same pair of classes, the same kind of picture); a page of them teaches what one of them does. So,
   given the embeddings, the uncertainty places of each page of :data:`BATCH` are filled from the :data:`WINDOW` most
-  uncertain images per place (not yet placed) by uncertainty-weighted k-means in the space the head sees
-  (:func:`head_space`: the softmax head's standardised embeddings), L2-normalised: one image per cluster, the one
-  nearest its centre, the page then ordered by uncertainty (diverse mini-batch active learning, Zhdanov 2019). Only
-  the first :data:`SPREAD_PLACES` places are spread so (nobody labels more before training); the rest follow by
-  uncertainty alone.
+  uncertain images per place (not yet placed): first by uncertainty, at most ``ceil(places / classes)`` per predicted
+  class (an actively chosen set drifts towards the classes the head confuses most, and the softmax head learns the
+  others from too few labels), then, for the places the cap leaves open, by uncertainty-weighted k-means in the space
+  the head sees (:func:`head_space`: the softmax head's standardised embeddings), L2-normalised: one image per
+  cluster, the one nearest its centre; the page then ordered by uncertainty (diverse mini-batch active learning,
+  Zhdanov 2019). Only the first :data:`SPREAD_PLACES` places are spread so (nobody labels more before training); the
+  rest follow by uncertainty alone.
 
 Novelty and uncertainty are interleaved, not added: one place in every :data:`NOVEL_EVERY` (the first, the eleventh,
-…) goes to the most novel image beyond the threshold not yet placed (a page's novelty places are filled before its
-uncertainty places); every other place to an uncertain one. Arrival order plays no part. (An additive mix,
-``0.7 × uncertainty + 0.3 × novelty``, was measured first: on a closed set of classes the novelty term pulled in
-outliers and cost accuracy; interleaving bounds that cost to one label in ten while a new class still reaches the top
-of the queue. The spread was chosen on a validation split of the training pool, never on the test images — see the
-README's measurement, which also shows that the spread did not bring the queue to its 500-label target.)
+…) goes to the most novel image at least :data:`NOVEL_FACTOR` times the threshold not yet placed (a page's novelty
+places are filled before its uncertainty places; none such: the place goes to uncertainty); every other place to an
+uncertain one. Arrival order plays no part. (An additive mix, ``0.7 × uncertainty + 0.3 × novelty``, was measured
+first: on a closed set of classes the novelty term pulled in outliers and cost accuracy; interleaving bounds that cost
+to one label in ten, and the factor to almost none, while a new class still reaches the top of the queue. The
+spread, the class cap and the novelty factor were chosen on a validation split of the training pool, never on the
+test images — see the README's measurement and ``docs/results/active_learning_validation.json``.)
 
 :func:`rank_head` is the one entry point for a head and embeddings: the console's queue and
 ``tools/measure_active_learning.py`` both call it.
@@ -45,6 +52,8 @@ if TYPE_CHECKING:
 
 #: one place in this many goes to the most novel image beyond the threshold (0: uncertainty only)
 NOVEL_EVERY = 10
+#: a novelty place needs a novelty score at least this many times the threshold (1: any image beyond it)
+NOVEL_FACTOR = 2.0
 #: a page of the queue: the places spread over the embedding space together
 BATCH = 20
 #: a page's uncertainty places are chosen among this many most uncertain images per place (1: no spread)
@@ -139,10 +148,41 @@ def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
     return np.asarray(picked, dtype=np.int64)
 
 
-def _novelty_queue(novelty: npt.NDArray[np.floating], threshold: float) -> tuple[FloatArray, list[int]]:
-    """``(novelty term (N,), images beyond the threshold, most novel first)``."""
-    excess = np.asarray(novelty, dtype=np.float64) / float(threshold) - 1.0
-    return np.clip(excess, 0.0, None), [int(i) for i in np.argsort(-excess, kind="stable") if excess[i] > 0]
+def class_capped(proba: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.int64]:
+    """Rows of ``proba`` ``(M, C)`` (in priority order) taken in order while their predicted class has fewer than
+    ``ceil(k / C)`` rows taken, at most ``k``: a page spread over the head's classes. Returns row indices."""
+    m, c = np.shape(proba)
+    predicted = np.argmax(proba, axis=1)
+    counts = np.zeros(max(c, 1), dtype=np.int64)
+    cap = -(-k // max(c, 1))
+    picked: list[int] = []
+    for i in range(m):
+        if len(picked) == k:
+            break
+        if counts[predicted[i]] < cap:
+            counts[predicted[i]] += 1
+            picked.append(i)
+    return np.asarray(picked, dtype=np.int64)
+
+
+def _spread_page(cand: npt.NDArray[np.int64], k: int, proba: npt.NDArray[np.floating], Z: FloatArray,
+                 uncertainty: FloatArray, seed: int, balance: bool) -> npt.NDArray[np.int64]:
+    """``k`` of the candidate images ``cand`` (most uncertain first) for a page's uncertainty places: with
+    ``balance``, first by uncertainty at most ``ceil(k / C)`` per predicted class, then (places left) one per k-means
+    cluster of the other candidates; ordered by uncertainty."""
+    chosen = cand[class_capped(np.asarray(proba)[cand], k)] if balance else cand[:0]
+    rest = cand[~np.isin(cand, chosen)]
+    if len(chosen) < k:
+        chosen = np.concatenate([chosen, rest[spread_pick(Z[rest], uncertainty[rest], k - len(chosen), seed)]])
+    return chosen[np.argsort(-uncertainty[chosen], kind="stable")]
+
+
+def _novelty_queue(novelty: npt.NDArray[np.floating], threshold: float,
+                   factor: float = NOVEL_FACTOR) -> tuple[FloatArray, list[int]]:
+    """``(novelty term (N,), images beyond the threshold and at least ``factor`` times it, most novel first)``."""
+    ratio = np.asarray(novelty, dtype=np.float64) / float(threshold)
+    novel = [int(i) for i in np.argsort(-ratio, kind="stable") if ratio[i] > 1.0 and ratio[i] >= factor]
+    return np.clip(ratio - 1.0, 0.0, None), novel
 
 
 def _next_unplaced(ranked: list[int], placed: npt.NDArray[np.bool_], start: int, count: int) -> tuple[int, list[int]]:
@@ -167,13 +207,15 @@ def _normalised(features: npt.ArrayLike) -> FloatArray:
 def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | None = None,
          threshold: float | None = None, novel_every: int = NOVEL_EVERY,
          features: npt.NDArray[np.floating] | None = None, batch: int = BATCH, window: int = WINDOW,
-         spread_places: int = SPREAD_PLACES, seed: int = 0) -> Ranking:
+         spread_places: int = SPREAD_PLACES, seed: int = 0, novel_factor: float = NOVEL_FACTOR,
+         balance: bool = True) -> Ranking:
     """The queue order of images with calibrated probabilities ``proba`` ``(N, C)``; when the head has a novelty
     model, their novelty scores ``(N,)`` and its ``threshold``; when known, their embeddings ``features`` ``(N, D)``.
 
-    Places ``0, k, 2k, …`` (``k`` = ``novel_every``) go to the most novel images beyond the threshold (while there are
-    any), the others by uncertainty; with ``features``, the uncertainty places of each page of ``batch`` within the
-    first ``spread_places`` are spread (see the module docstring; ``window`` ≤ 1 or no features: uncertainty order).
+    Places ``0, k, 2k, …`` (``k`` = ``novel_every``) go to the most novel images at least ``novel_factor`` times the
+    threshold (while there are any), the others by uncertainty; with ``features``, the uncertainty places of each page
+    of ``batch`` within the first ``spread_places`` are spread over the predicted classes (``balance``) and the
+    embedding space (see the module docstring; ``window`` ≤ 1 or no features: uncertainty order).
     Ties keep the given order; the same inputs give the same order (``seed``)."""
     margin, entropy = uncertainty_scores(proba)
     n = len(margin)
@@ -181,7 +223,7 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
     by_uncertainty = [int(i) for i in np.argsort(-uncertainty, kind="stable")]
     novelty_term, novel = None, []
     if novelty is not None and threshold and novel_every >= 1:
-        novelty_term, novel = _novelty_queue(novelty, threshold)
+        novelty_term, novel = _novelty_queue(novelty, threshold, novel_factor)
     if features is not None and len(features) != n:
         raise ValueError(f"features must have one row per image ({n}), found {len(features)}")
     Z = _normalised(features) if features is not None and window > 1 and batch > 1 else None
@@ -204,9 +246,7 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
         spread = Z is not None and start < spread_places
         u, candidates = _next_unplaced(by_uncertainty, placed, u, window * len(free) if spread else len(free))
         if spread and Z is not None and len(candidates) > len(free):
-            cand = np.asarray(candidates)
-            chosen = cand[spread_pick(Z[cand], uncertainty[cand], len(free), seed + start)]
-            chosen = chosen[np.argsort(-uncertainty[chosen], kind="stable")]
+            chosen = _spread_page(np.asarray(candidates), len(free), proba, Z, uncertainty, seed + start, balance)
         else:
             chosen = np.asarray(candidates[:len(free)], dtype=np.int64)
         for pos, i in zip(free, chosen):
@@ -240,13 +280,14 @@ def head_space(head: Any, X: npt.NDArray[np.floating]) -> npt.NDArray[np.floatin
     return X
 
 
-def describe(novel_every: int = NOVEL_EVERY, batch: int = BATCH, window: int = WINDOW) -> str:
+def describe(novel_every: int = NOVEL_EVERY, batch: int = BATCH, window: int = WINDOW,
+             novel_factor: float = NOVEL_FACTOR) -> str:
     """The ranking in one sentence (``GET /api/queue`` shows it)."""
-    return (f"1 place in {novel_every} (the first, ...) to the most novel image beyond the unknown threshold, the "
-            f"others by uncertainty (1 - margin of the calibrated probabilities); the first places in pages of "
-            f"{batch} spread over the embedding space (one per k-means cluster of the {window} most uncertain per "
-            "place)")
+    return (f"1 place in {novel_every} (the first, ...) to the most novel image at least {novel_factor:g} times the "
+            f"unknown threshold, the others by uncertainty (1 - margin of the calibrated probabilities); the first "
+            f"places in pages of {batch} spread over the predicted classes and the embedding space (among the "
+            f"{window} most uncertain per place: a cap per predicted class, then one per k-means cluster)")
 
 
-__all__ = ["BATCH", "NOVEL_EVERY", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "describe", "head_space",
-           "rank", "rank_head", "spread_pick", "uncertainty_scores"]
+__all__ = ["BATCH", "NOVEL_EVERY", "NOVEL_FACTOR", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "class_capped",
+           "describe", "head_space", "rank", "rank_head", "spread_pick", "uncertainty_scores"]
