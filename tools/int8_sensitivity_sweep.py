@@ -98,7 +98,7 @@ def main() -> None:
                                       "agreement": round(gate.agreement(out), 4)}})
             print(json.dumps(rows[-1]), flush=True)
         trial = Trial(ks[-1], rows[-1]["calibration"]["mean_cosine"])
-        return Search(best=trial, quantized=quantized, trials=[trial], candidates=list(ks))
+        return Search(kept=trial, quantized=quantized, trials=[trial], candidates=list(ks))
 
     export_module.Gate = RecordingGate
     importlib.import_module(EXPORTERS[args.format]).first_float_convs = every_k

@@ -141,7 +141,7 @@ def to_int8(ctx: ExportContext, out: Path) -> dict[str, Any]:
     return {"tool": f"onnxruntime {_version('onnxruntime')} quantize_static", "format": "QDQ", "per_channel": True,
             "weights": INT8_WEIGHTS, "depthwise_weights": INT8_DEPTHWISE_WEIGHTS, "activations": INT8_ACTIVATIONS,
             "calibration": f"{INT8_CALIBRATION} {INT8_PERCENTILE}", "calibration_images": len(ctx.calib),
-            "float_nodes": convs[:search.best.float_convs]} | search.record(INT8_CALIB_COSINE)
+            "float_nodes": convs[:search.kept.float_convs]} | search.record(INT8_CALIB_COSINE)
 
 
 # ------------------------------------------------------------------------------------------------- text encoders

@@ -174,8 +174,9 @@ def to_int8(ctx: ExportContext, out_xml: Path) -> dict[str, Any]:
     (:data:`INT8_MIXED_FAST_BIAS_CORRECTION`); weights file saved without FP16 compression. Input and output stay
     float32: ``(N, 3, S, S) → (N, D)``. Mixed precision by measured sensitivity, as :func:`edgetl.host.onnx_quant.to_int8`: the first ``k`` convolutions
     stay FP32 (``nncf.IgnoredScope``) for the smallest ``k`` (in :data:`INT8_FLOAT_CONVS`) at which the
-    calibration images' mean cosine to the FP32 model reaches :data:`INT8_CALIB_COSINE` (the best ``k`` when none
-    does); every trial is recorded under ``"sensitivity"``. The held-out images judge the result in the export gate.
+    calibration images' mean cosine to the FP32 model reaches :data:`INT8_CALIB_COSINE` (when none does, the smallest
+    ``k`` on the best one's plateau, :data:`edgetl.host.sensitivity.PLATEAU`); every trial is recorded under
+    ``"sensitivity"``. The held-out images judge the result in the export gate.
     """
     items = _calibration_items(ctx.calib)
     ov = _import_openvino()
@@ -204,7 +205,7 @@ def to_int8(ctx: ExportContext, out_xml: Path) -> dict[str, Any]:
                                     f"({one_line(exc)})") from exc
     settings = _int8_settings(ov, nncf, Path(out_xml), len(items), time.perf_counter() - start)
     return settings | {"fast_bias_correction": INT8_MIXED_FAST_BIAS_CORRECTION,
-                       "float_nodes": convs[:search.best.float_convs]} | search.record(INT8_CALIB_COSINE)
+                       "float_nodes": convs[:search.kept.float_convs]} | search.record(INT8_CALIB_COSINE)
 
 
 def quantize_with_accuracy_control(ctx: ExportContext, out_xml: Path, val_images: np.ndarray, val_fn: ValidationFn,

@@ -40,9 +40,9 @@ class Trial:
 
 @dataclass(frozen=True)
 class Search(Generic[Q]):
-    """The attempt kept (``best``, with what ``quantize`` returned for it) and every attempt made, in order."""
+    """The attempt kept (``kept``, with what ``quantize`` returned for it) and every attempt made, in order."""
 
-    best: Trial
+    kept: Trial
     quantized: Q
     trials: list[Trial]
     candidates: list[int]  #: the k that could be tried, in order
@@ -81,4 +81,4 @@ def first_float_convs(quantize: Callable[[int], Q], embed: Callable[[Q], np.ndar
     # the first attempt that reached the target is the last one made; else the first on the best one's plateau
     kept = attempts[-1] if top >= target else \
         next(a for a in attempts if a[0].calibration_mean_cosine >= top - PLATEAU)
-    return Search(best=kept[0], quantized=kept[1], trials=trials, candidates=list(ks))
+    return Search(kept=kept[0], quantized=kept[1], trials=trials, candidates=list(ks))

@@ -195,9 +195,9 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
 
     Mixed precision by measured sensitivity, as :func:`edgetl.host.onnx_quant.to_int8`: the first ``k`` convolutions
     (:data:`CONV_OPS`, graph order) stay float for the smallest ``k`` (in :data:`INT8_FLOAT_CONVS`) at which the
-    calibration images' mean cosine to the FP32 graph reaches :data:`INT8_CALIB_COSINE` (the best ``k`` when none
-    does); the held-out images are never used here, they judge the result in the export gate. Every trial is recorded
-    under ``"sensitivity"``.
+    calibration images' mean cosine to the FP32 graph reaches :data:`INT8_CALIB_COSINE` (when none does, the smallest
+    ``k`` on the best one's plateau, :data:`edgetl.host.sensitivity.PLATEAU`); the held-out images are never used
+    here, they judge the result in the export gate. Every trial is recorded under ``"sensitivity"``.
 
     Input ``(1, 3, S, S)`` and output ``(1, D)`` are int8; the returned settings carry their scale and zero point
     (``real = scale * (q - zero_point)``).
@@ -219,7 +219,7 @@ def to_int8(ctx: ExportContext, out_path: Path) -> dict[str, Any]:
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ExportValidationError(f"ai-edge-quantizer did not write {out_path}")
     graph = describe_tflite(out_path)
-    float_convs = convs[:search.best.float_convs]
+    float_convs = convs[:search.kept.float_convs]
     log.info("ai-edge-quantizer wrote %s (%.1f MB, %s, %d float convolutions) in %.1f s", out_path.name,
              out_path.stat().st_size / 1e6, INT8_RECIPE, len(float_convs), seconds)
     return {"tool": f"litert-torch {_version('litert-torch')} + ai-edge-quantizer {_version('ai-edge-quantizer')}",
