@@ -203,6 +203,29 @@ def test_rank_interleaves_uncertainty_and_novelty() -> None:
         rank(np.zeros(3))
 
 
+def test_queue_cold_start_set_is_the_heads_training_set_while_it_has_few_labels(
+        _pretrained_bundle: Path, demo_train: Path, tmp_path: Path) -> None:
+    """The console hands the queue the current head's training embeddings only while the head has fewer than the
+    cold-start number of labels per class, and never for a head this device did not train."""
+    import numpy as np
+
+    from edgetl.serve.candidates import CandidatePool
+    from edgetl.serve.queue import COLD_START_PER_CLASS
+    from edgetl.state import BUNDLE_HEAD
+
+    bundle = Path(shutil.copytree(_pretrained_bundle, tmp_path / "bundle"))
+    rt = DeviceRuntime(bundle, threads=2)
+    pool = CandidatePool(rt, None, None, 10)  # type: ignore[arg-type]  # only the runtime is read here
+    assert pool._cold_start_set(BUNDLE_HEAD, 2) is None
+    few = rt.train(make_folder(tmp_path / "few", {"bag": 3, "coat": 3}, demo_train), seed=0).version
+    X = pool._cold_start_set(few, 2)
+    assert X is not None and X.shape == (6, rt.bundle.feature_dim)
+    np.testing.assert_array_equal(X, rt.training_set().X)
+    enough = {"bag": COLD_START_PER_CLASS, "coat": COLD_START_PER_CLASS}
+    full = rt.train(make_folder(tmp_path / "enough", enough, demo_train), seed=0, force=True).version
+    assert full != few and pool._cold_start_set(full, 2) is None
+
+
 def test_drift_confusion_metrics(served: tuple[Served, Path, Path]) -> None:
     s, _, _ = served
     status, _, d = s.request("GET", "/api/drift")

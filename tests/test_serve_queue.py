@@ -1,11 +1,22 @@
-"""The label queue's ranking (numpy only; no serve extra needed): the spread of a page over the embedding space."""
+"""The label queue's ranking (numpy only; no serve extra needed): the spread of a page over the embedding space, the
+cold start."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgetl.serve.queue import BATCH, NOVEL_FACTOR, WINDOW, class_capped, rank, rank_head, spread_pick
+from edgetl.serve.queue import (
+    BATCH,
+    NOVEL_FACTOR,
+    WINDOW,
+    ColdStart,
+    class_capped,
+    head_space,
+    rank,
+    rank_head,
+    spread_pick,
+)
 
 
 def _two_groups(n_a: int = 12, n_b: int = 4, n_easy: int = 20, dim: int = 8,
@@ -112,7 +123,6 @@ def test_rank_head_without_novelty_model() -> None:
 def test_spread_is_measured_where_the_head_looks() -> None:
     """The softmax head standardises the embeddings: the spread is measured there, not on the raw embeddings."""
     from edgetl.heads import make_head
-    from edgetl.serve.queue import head_space
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(80, 5)).astype(np.float32) * np.array([100.0, 1, 1, 1, 1], dtype=np.float32)
@@ -154,3 +164,79 @@ def test_a_page_is_spread_over_the_predicted_classes() -> None:
     page = rank(proba, features=X, batch=4, window=2).order[:4]
     assert sorted(np.argmax(proba[page], axis=1).tolist()) == [0, 0, 1, 1]
     assert set(page.tolist()) == {0, 1, 6, 7}  # the two most uncertain of each class
+
+
+def _blobs(sizes: list[int], dim: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of well-separated blobs of the given sizes (each with one dense core and a loose rim), and the blob
+    of every row."""
+    rng = np.random.default_rng(seed)
+    blob = np.repeat(np.arange(len(sizes)), sizes)
+    centres = np.eye(dim)[: len(sizes)] * 10
+    spread = np.where(np.arange(len(blob)) % 3 == 0, 1.5, 0.2)[:, None]  # every third row on the rim
+    return centres[blob] + rng.normal(size=(len(blob), dim)) * spread, blob
+
+
+def test_typicality_is_highest_in_the_dense_core() -> None:
+    from edgetl.serve.queue import typicality
+
+    Z, _ = _blobs([30])
+    t = typicality(Z, neighbours=5)
+    rim = np.arange(30) % 3 == 0
+    assert t.shape == (30,) and t[~rim].min() > t[rim].max()
+    assert typicality(Z[:1]).tolist() == [1.0] and typicality(Z[:0]).shape == (0,)
+    big = np.random.default_rng(0).normal(size=(1500, 3))  # more rows than the sample: bounded cost, same ordering
+    t = typicality(big, neighbours=10)
+    assert t.shape == (1500,) and np.corrcoef(t, -np.linalg.norm(big, axis=1))[0, 1] > 0.8
+
+
+def test_typical_picks_go_to_the_largest_regions_no_label_covers() -> None:
+    from edgetl.serve.queue import typical_picks
+
+    Z, blob = _blobs([40, 30, 20, 10])
+    labelled = Z[[0]] + 0.01  # one label inside the largest blob
+    picks = typical_picks(Z, labelled, 2)
+    assert sorted(blob[picks].tolist()) == [1, 2]  # the largest blobs without a label, not the labelled one
+    assert all(i % 3 != 0 for i in picks)  # each from its blob's dense core, not its rim
+    assert sorted(blob[typical_picks(Z, Z[:0], 4)].tolist()) == [0, 1, 2, 3]  # nothing labelled: one per blob
+    assert typical_picks(Z, labelled, 0).tolist() == [] and typical_picks(Z[:0], labelled, 3).tolist() == []
+
+
+def test_cold_start_fills_the_first_page_with_typical_images_until_the_head_has_enough_labels() -> None:
+    from edgetl.serve.queue import COLD_START_PER_CLASS
+
+    Z, blob = _blobs([40, 30, 20, 10])
+    rng = np.random.default_rng(3)
+    p0 = rng.uniform(0.5, 1.0, len(blob))
+    proba = np.stack([p0, 1 - p0], axis=1)
+    few = ColdStart(Z, Z[[0, 1]])  # two labels, two classes: below the cold-start number
+    cold = rank(proba, features=Z, batch=4, cold_start=few)
+    assert cold.by_typical.sum() == 4 and cold.by_typical[cold.order[:4]].all()  # the whole first page
+    assert {1, 2} <= set(blob[cold.order[:4]].tolist())  # the largest blobs without a label are there
+    assert not cold.by_typical[cold.order[4:]].any()  # later pages: the usual rules
+    assert sorted(cold.order.tolist()) == list(range(len(blob)))  # still every image once
+    enough = ColdStart(Z, Z[np.arange(COLD_START_PER_CLASS * 2)])
+    warm = rank(proba, features=Z, batch=4, cold_start=enough)
+    assert not warm.by_typical.any()
+    assert warm.order.tolist() == rank(proba, features=Z, batch=4).order.tolist()
+    off = rank(proba, features=Z, batch=4, cold_start=ColdStart(Z, Z[[0, 1]], per_class=0))
+    assert off.order.tolist() == warm.order.tolist()
+    with pytest.raises(ValueError, match="one row per image"):
+        rank(proba, features=Z, cold_start=ColdStart(Z[:5], Z[[0]]))
+
+
+def test_rank_head_cold_start_works_in_the_backbone_space() -> None:
+    """The cold start clusters the embeddings themselves: a softmax head's standardisation, fitted on a few labels,
+    is not used for it (it can blow one noisy dimension up)."""
+    from edgetl.heads import make_head
+
+    Z, blob = _blobs([40, 30, 20, 10])
+    X = Z.astype(np.float32)
+    y = (blob >= 2).astype(np.int64)
+    seen = [1, 2, 71, 72]  # two labels in blob 0, two in blob 2
+    head = make_head("softmax", l2=0.1, seed=0).fit(X[seen], y[seen])
+    r = rank_head(head, X, labelled=X[seen]).ranking
+    page = r.order[:BATCH]
+    assert r.by_typical[page].all() and {1, 3} <= set(blob[page].tolist())
+    assert r.order.tolist() == rank(rank_head(head, X).proba, features=head_space(head, X), batch=BATCH,
+                                    cold_start=ColdStart(X, X[seen])).order.tolist()
+    assert not rank_head(head, X, labelled=X[seen], cold_start_per_class=1).ranking.by_typical.any()

@@ -14,7 +14,8 @@ A simulated operator answers the console's label queue (:func:`edgetl.serve.queu
   temperature fitted on a held-out fifth of the labels like ``device train``, and the novelty model the device fits),
   **no-spread** the same without the spread of a page over the embedding space (the queue before it), **margin**
   uncertainty order alone (no novelty places, no spread), **no-balance** the spread without the cap per predicted
-  class, **all-novel** novelty places for any image beyond the threshold (not only at twice it), **random** takes the
+  class, **all-novel** novelty places for any image beyond the threshold (not only at twice it), **no-cold-start**
+  the first pages by uncertainty too (no typical images while the head has few labels), **random** takes the
   pool in a random order; the head is
   refitted after every round; ``--trials`` draws of the seed labels and the random order, curves averaged;
 - reference: the accuracy of **100 random labels per class** (stratified, mean of ``--ref-seeds`` draws); target:
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgetl.heads import make_head
 from edgetl.novelty import Novelty, fit_temperature
-from edgetl.serve.queue import BATCH, NOVEL_EVERY, NOVEL_FACTOR, WINDOW, rank_head
+from edgetl.serve.queue import BATCH, COLD_START_PER_CLASS, NOVEL_EVERY, NOVEL_FACTOR, WINDOW, rank_head
 
 BUNDLE = ROOT / "tests" / "data" / "device-bundle" / "mnv2-64"
 #: the queue's settings per strategy: "active" is the console's queue as shipped; the others switch parts off
@@ -53,6 +54,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "margin": {"window": 1, "novel_every": 0},  # uncertainty order alone
     "no-balance": {"balance": False},  # the page spread over the embedding space alone (no class cap)
     "all-novel": {"novel_factor": 1.0},  # a novelty place for any image beyond the threshold
+    "no-cold-start": {"cold_start_per_class": 0},  # the first pages by uncertainty too, not by typicality
 }
 STRATEGIES = [*ABLATIONS, "random"]
 CACHE = ROOT / ".cache" / "active_learning"
@@ -129,7 +131,7 @@ def run_strategy(name: str, data: dict[str, np.ndarray], seed_idx: np.ndarray, b
             mask = np.ones(len(y), dtype=bool)
             mask[idx] = False
             candidates = np.flatnonzero(mask)
-            ranking = rank_head(head, X[candidates], temperature, novelty, **ABLATIONS[name]).ranking
+            ranking = rank_head(head, X[candidates], temperature, novelty, labelled=X[idx], **ABLATIONS[name]).ranking
             chosen = list(candidates[ranking.order[:take]])
         labelled.extend(int(i) for i in chosen)
     return curve
@@ -171,7 +173,8 @@ def plot(result: dict, out: Path) -> None:
     d.text((px(xmax, ref["accuracy"])[0] - 4, px(xmax, ref["accuracy"])[1] - 4),
            f"reference: 100 random labels per class (1,000): {100 * ref['accuracy']:.1f}%", fill="#555555", font=font,
            anchor="rd")
-    colours = {"active": "#c0392b", "no-spread": "#8e44ad", "margin": "#e67e22", "random": "#2c3e50"}
+    colours = {"active": "#c0392b", "no-spread": "#8e44ad", "margin": "#e67e22", "no-cold-start": "#16a085",
+               "random": "#2c3e50"}
     for name, c in curves.items():
         d.line([px(p["labels"], p["accuracy"]) for p in c], fill=colours.get(name, "#16a085"), width=3)
     reached = result["active_labels_to_reference"]
@@ -179,8 +182,9 @@ def plot(result: dict, out: Path) -> None:
         d.line([px(reached, ylo), px(reached, yhi)], fill="#c0392b", width=1)
         d.text((px(reached, ylo)[0] + 6, px(reached, ylo)[1] - 20), f"active reaches it at {reached} labels",
                fill="#c0392b", font=font)
-    legend = {"active": "active: the console's queue (uncertainty, pages spread, 1 in 10 novelty)",
-              "no-spread": "no spread: the same without the spread (the previous queue)",
+    legend = {"active": "active: the console's queue (cold start, uncertainty, pages spread, 1 in 10 novelty)",
+              "no-spread": "no spread: the same without the spread of a page",
+              "no-cold-start": "no cold start: the same without the typical first pages",
               "margin": "margin only: uncertainty order alone", "random": "random: random order"}
     for k, name in enumerate(n for n in legend if n in curves):
         d.text((px(xmax * 0.3, 0)[0], px(0, ylo)[1] - 90 + 18 * k), legend[name], fill=colours[name], font=font)
@@ -218,7 +222,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["active", "random"],
                     help="active: the console's queue; no-spread: the same without the spread of a page; margin: "
                          "uncertainty order alone; no-balance: no cap per predicted class on a page; "
-                         "all-novel: novelty places beyond the threshold at any factor; random: random order")
+                         "all-novel: novelty places beyond the threshold at any factor; no-cold-start: the first "
+                         "pages by uncertainty too (no typical images while the head has few labels per class); "
+                         "random: random order")
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -300,7 +306,7 @@ def main() -> None:
                      "head": "softmax (temperature from a held-out fifth for the ranking)",
                      "ranking": "edgetl.serve.queue.rank_head",
                      "queue": {"novel_every": NOVEL_EVERY, "novel_factor": NOVEL_FACTOR, "page": BATCH,
-                               "window": WINDOW},
+                               "window": WINDOW, "cold_start_per_class": COLD_START_PER_CLASS},
                      "ablations": {k: v for k, v in ABLATIONS.items() if k in args.strategies}},
         "reference": ref,
         "curves": curves,

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from edgetl.errors import DataError
+from edgetl.errors import DataError, NotFittedError, StateError
 from edgetl.serve.inbox import InboxLog, Item
 from edgetl.serve.labels import LabelBook
-from edgetl.serve.queue import describe, rank_head
+from edgetl.serve.queue import COLD_START_PER_CLASS, describe, rank_head
 from edgetl.state import BUNDLE_HEAD
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class QueueEntry:
     """One image of the label queue with why it got its place."""
 
     item: Item
-    placed_by: str  #: "novelty" or "uncertainty"
+    placed_by: str  #: "novelty", "typical" (the cold start) or "uncertainty"
     priority: float  #: the uncertainty 1 - margin
     margin: float
     entropy: float
@@ -107,6 +107,18 @@ class CandidatePool:
         with self._lock:
             return items, np.stack([self._embeddings[str(i.key)] for i in items])
 
+    def _cold_start_set(self, version: str, classes: int) -> npt.NDArray[np.float32] | None:
+        """The training embeddings of head ``version`` while it has fewer than the queue's cold-start number of
+        labels per class (:data:`edgetl.serve.queue.COLD_START_PER_CLASS`); None otherwise, and for a head this
+        device did not train (the bundle's, a fleet's), whose training images it does not hold."""
+        keys = self.runtime.state.train_keys(version) if version != BUNDLE_HEAD else None
+        if keys is None or len(keys) >= COLD_START_PER_CLASS * classes:
+            return None
+        try:
+            return self.runtime.training_set().X
+        except (NotFittedError, StateError):
+            return None
+
     def page(self, limit: int, inbox: str | None = None) -> QueuePage:
         """The ``limit`` images at the top of the queue under the current head (:func:`edgetl.serve.queue.rank`);
         ``inbox`` is shown with them."""
@@ -115,12 +127,14 @@ class CandidatePool:
         entries: list[QueueEntry] = []
         if X is not None:
             meta = self.runtime.state.meta(version) if version != BUNDLE_HEAD else {}
-            ranked = rank_head(head, X, meta.get("temperature"), self.runtime.novelty_model(version))
+            ranked = rank_head(head, X, meta.get("temperature"), self.runtime.novelty_model(version),
+                               labelled=self._cold_start_set(version, len(classes)))
             ranking, proba, scores = ranked.ranking, ranked.proba, ranked.novelty
             for j in ranking.order[:limit]:
                 top = np.argsort(-proba[j])[:TOP_K]
+                placed_by = "novelty" if ranking.by_novelty[j] else "typical" if ranking.by_typical[j] else "uncertainty"
                 entries.append(QueueEntry(
-                    items[j], "novelty" if ranking.by_novelty[j] else "uncertainty", float(ranking.priority[j]),
+                    items[j], placed_by, float(ranking.priority[j]),
                     float(ranking.margin[j]), float(ranking.entropy[j]),
                     None if scores is None else float(scores[j]),
                     tuple(ClassScore(classes[int(c)], float(proba[j, c])) for c in top)))

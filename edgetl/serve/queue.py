@@ -24,14 +24,20 @@ An image earns its place by how much a label would teach the head:
   Zhdanov 2019). Only the first :data:`SPREAD_PLACES` places are spread so (nobody labels more before training); the
   rest follow by uncertainty alone.
 
+- **cold start** — while the head has fewer than :data:`COLD_START_PER_CLASS` labels per class, its uncertainty is
+  still a poor guide (it is sure of what it has not seen), so the first page's uncertainty places go to *typical*
+  images of the regions no label covers yet (:func:`typical_picks`: k-means of the unlabelled and labelled images,
+  the densest image of each of the largest clusters without a label; TypiClust, Hacohen et al. 2022, "Active learning
+  on a budget"). Later pages, and every page once the head has enough labels, follow the rules above.
+
 Novelty and uncertainty are interleaved, not added: one place in every :data:`NOVEL_EVERY` (the first, the eleventh,
 …) goes to the most novel image at least :data:`NOVEL_FACTOR` times the threshold not yet placed (a page's novelty
 places are filled before its uncertainty places; none such: the place goes to uncertainty); every other place to an
 uncertain one. Arrival order plays no part. (An additive mix, ``0.7 × uncertainty + 0.3 × novelty``, was measured
 first: on a closed set of classes the novelty term pulled in outliers and cost accuracy; interleaving bounds that cost
 to one label in ten, and the factor to almost none, while a new class still reaches the top of the queue. The
-spread, the class cap and the novelty factor were chosen on a validation split of the training pool, never on the
-test images — see the README's measurement and ``docs/results/active_learning_validation.json``.)
+spread, the class cap, the novelty factor and the cold start were chosen on a validation split of the training pool,
+never on the test images — see the README's measurement and ``docs/results/active_learning_validation.json``.)
 
 :func:`rank_head` is the one entry point for a head and embeddings: the console's queue and
 ``tools/measure_active_learning.py`` both call it.
@@ -62,6 +68,11 @@ WINDOW = 20
 SPREAD_PLACES = 100
 #: k-means iterations (Lloyd) after the k-means++ start
 KMEANS_ITERATIONS = 20
+#: cold start: while the head has fewer labels than this per class, a page's uncertainty places go to typical images
+#: of the regions no label covers yet (:func:`typical_picks`), not to the head's (still unreliable) uncertainty
+COLD_START_PER_CLASS = 6
+#: typicality: the inverse mean distance to this many nearest neighbours, among at most this many rows
+TYPICALITY_NEIGHBOURS, TYPICALITY_SAMPLE = 20, 1000
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -70,7 +81,7 @@ FloatArray = npt.NDArray[np.float64]
 class Ranking:
     """Scores of N images and their queue order. Arrays have shape ``(N,)``; ``priority`` is the uncertainty
     ``1 - margin``, ``novelty_term`` how far beyond the threshold (0 within it), ``by_novelty`` whether the image got
-    its place through a novelty place."""
+    its place through a novelty place, ``by_typical`` through the cold start (:func:`typical_picks`)."""
 
     order: npt.NDArray[np.int64]
     priority: FloatArray
@@ -78,6 +89,21 @@ class Ranking:
     entropy: FloatArray
     novelty_term: FloatArray | None
     by_novelty: npt.NDArray[np.bool_]
+    by_typical: npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """What the cold start needs: the candidates' embeddings ``features`` ``(N, D)`` and the head's training
+    embeddings ``labelled`` ``(L, D)``, in the same space (the backbone's own: a softmax head's standardisation,
+    fitted on a few labels, is itself unreliable then), and how many labels per class end it."""
+
+    features: npt.NDArray[np.floating]
+    labelled: npt.NDArray[np.floating]
+    per_class: int = COLD_START_PER_CLASS
+
+    def applies(self, classes: int) -> bool:
+        return len(self.labelled) < self.per_class * classes
 
 
 @dataclass(frozen=True)
@@ -106,16 +132,11 @@ def uncertainty_scores(proba: npt.NDArray[np.floating]) -> tuple[FloatArray, Flo
     return margin, entropy
 
 
-def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
-                iterations: int = KMEANS_ITERATIONS) -> npt.NDArray[np.int64]:
-    """``k`` distinct rows of ``Z`` ``(M, D)`` spread over its space: weighted k-means (k-means++ start drawn with
-    ``seed``, the heaviest row first), then for each centre the nearest row not yet taken. Returns row indices
-    ``(k,)`` (all rows when ``k >= M``)."""
+def kmeans(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
+           iterations: int = KMEANS_ITERATIONS) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Weighted k-means of the rows of ``Z`` ``(M, D)`` into ``k`` ≤ M clusters: a k-means++ start drawn with
+    ``seed`` (the heaviest row first), then Lloyd iterations. Returns ``(assignment (M,), centres (k, D))``."""
     m = len(Z)
-    if k >= m:
-        return np.arange(m, dtype=np.int64)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
     w = np.maximum(np.asarray(weight, dtype=np.float64), 1e-12)
     sq = (Z * Z).sum(axis=1)
     rng = np.random.default_rng(seed)
@@ -128,8 +149,12 @@ def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
         centres.append(nxt)
         d2 = np.minimum(d2, np.maximum(sq + sq[nxt] - 2.0 * Z @ Z[nxt], 0.0))
     C = Z[centres].copy()
+
+    def nearest_centre() -> npt.NDArray[np.int64]:
+        return np.argmin(sq[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :], axis=1)
+
     for _ in range(iterations):
-        assign = np.argmin(sq[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :], axis=1)
+        assign = nearest_centre()
         moved = C.copy()
         for j in range(k):
             member = assign == j
@@ -138,13 +163,67 @@ def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
         if np.allclose(moved, C):
             break
         C = moved
-    D = sq[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :]
+    return nearest_centre(), C
+
+
+def spread_pick(Z: FloatArray, weight: FloatArray, k: int, seed: int = 0,
+                iterations: int = KMEANS_ITERATIONS) -> npt.NDArray[np.int64]:
+    """``k`` distinct rows of ``Z`` ``(M, D)`` spread over its space: weighted :func:`kmeans`, then for each centre
+    the nearest row not yet taken. Returns row indices ``(k,)`` (all rows when ``k >= M``)."""
+    m = len(Z)
+    if k >= m:
+        return np.arange(m, dtype=np.int64)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    _, C = kmeans(Z, weight, k, seed, iterations)
+    D = (Z * Z).sum(axis=1)[:, None] - 2.0 * Z @ C.T + (C * C).sum(axis=1)[None, :]
     taken = np.zeros(m, dtype=bool)
     picked = []
     for j in np.argsort(D.min(axis=0), kind="stable"):  # the tightest centres choose first
         row = next(int(i) for i in np.argsort(D[:, j], kind="stable") if not taken[i])
         taken[row] = True
         picked.append(row)
+    return np.asarray(picked, dtype=np.int64)
+
+
+def typicality(Z: FloatArray, neighbours: int = TYPICALITY_NEIGHBOURS, seed: int = 0) -> FloatArray:
+    """How typical each row of ``Z`` ``(M, D)`` is among the others: the inverse of its mean distance to its
+    ``neighbours`` nearest rows (measured against at most :data:`TYPICALITY_SAMPLE` rows drawn with ``seed``, so the
+    cost stays bounded in a large cluster). Returns ``(M,)``; a single row scores 1."""
+    m = len(Z)
+    if m < 2:
+        return np.ones(m)
+    ref = np.arange(m) if m <= TYPICALITY_SAMPLE else \
+        np.sort(np.random.default_rng(seed).choice(m, TYPICALITY_SAMPLE, replace=False))
+    sq = (Z * Z).sum(axis=1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[ref][None, :] - 2.0 * Z @ Z[ref].T, 0.0))
+    d[ref, np.arange(len(ref))] = np.inf  # a row is not its own neighbour
+    n = min(neighbours, len(ref) - 1 if m <= TYPICALITY_SAMPLE else len(ref))
+    nearest = np.partition(d, n - 1, axis=1)[:, :n]
+    return 1.0 / (nearest.mean(axis=1) + 1e-9)
+
+
+def typical_picks(Z: FloatArray, labelled: FloatArray, k: int, seed: int = 0) -> npt.NDArray[np.int64]:
+    """``k`` rows of ``Z`` ``(M, D)`` that a head with the ``labelled`` embeddings ``(L, D)`` (same space) has not
+    covered yet: k-means of both into ``L + k`` clusters, then the most :func:`typical <typicality>` row of each of
+    the ``k`` largest clusters holding no labelled embedding (TypiClust, Hacohen et al. 2022). Returns row indices
+    (fewer than ``k`` when fewer clusters are uncovered)."""
+    m, n_labelled = len(Z), len(labelled)
+    if k <= 0 or m == 0:
+        return np.zeros(0, dtype=np.int64)
+    both = np.concatenate([Z, labelled]) if n_labelled else Z
+    clusters = min(n_labelled + k, len(both))
+    assign, _ = kmeans(both, np.ones(len(both)), clusters, seed)
+    covered = np.zeros(clusters, dtype=bool)
+    covered[assign[m:]] = True
+    sizes = np.bincount(assign[:m], minlength=clusters)
+    picked = []
+    for c in np.argsort(-sizes, kind="stable"):
+        if len(picked) == k or sizes[c] == 0:
+            break
+        if not covered[c]:
+            members = np.flatnonzero(assign[:m] == c)
+            picked.append(int(members[np.argmax(typicality(Z[members], seed=seed))]))
     return np.asarray(picked, dtype=np.int64)
 
 
@@ -204,18 +283,32 @@ def _normalised(features: npt.ArrayLike) -> FloatArray:
     return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
 
 
+def _place_typical(free: list[int], order: npt.NDArray[np.int64], placed: npt.NDArray[np.bool_],
+                   by_typical: npt.NDArray[np.bool_], Z: FloatArray, labelled: FloatArray, seed: int) -> list[int]:
+    """Fill the places ``free`` with :func:`typical_picks` among the images not ``placed`` yet (updating ``order``,
+    ``placed`` and ``by_typical``); returns the places left (when fewer regions are uncovered than places)."""
+    rest = np.flatnonzero(~placed)
+    picks = rest[typical_picks(Z[rest], labelled, len(free), seed)]
+    for pos, i in zip(free, picks):
+        order[pos] = i
+        placed[i] = by_typical[i] = True
+    return free[len(picks):]
+
+
 def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | None = None,
          threshold: float | None = None, novel_every: int = NOVEL_EVERY,
          features: npt.NDArray[np.floating] | None = None, batch: int = BATCH, window: int = WINDOW,
          spread_places: int = SPREAD_PLACES, seed: int = 0, novel_factor: float = NOVEL_FACTOR,
-         balance: bool = True) -> Ranking:
+         balance: bool = True, cold_start: ColdStart | None = None) -> Ranking:
     """The queue order of images with calibrated probabilities ``proba`` ``(N, C)``; when the head has a novelty
     model, their novelty scores ``(N,)`` and its ``threshold``; when known, their embeddings ``features`` ``(N, D)``.
 
     Places ``0, k, 2k, …`` (``k`` = ``novel_every``) go to the most novel images at least ``novel_factor`` times the
     threshold (while there are any), the others by uncertainty; with ``features``, the uncertainty places of each page
     of ``batch`` within the first ``spread_places`` are spread over the predicted classes (``balance``) and the
-    embedding space (see the module docstring; ``window`` ≤ 1 or no features: uncertainty order).
+    embedding space (see the module docstring; ``window`` ≤ 1 or no features: uncertainty order). With
+    ``cold_start`` and while it applies (fewer labels than its number per class), the first page's uncertainty places
+    go to :func:`typical_picks` of its embeddings instead.
     Ties keep the given order; the same inputs give the same order (``seed``)."""
     margin, entropy = uncertainty_scores(proba)
     n = len(margin)
@@ -230,6 +323,10 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
     order = np.empty(n, dtype=np.int64)
     placed = np.zeros(n, dtype=bool)
     by_novelty = np.zeros(n, dtype=bool)
+    by_typical = np.zeros(n, dtype=bool)
+    if cold_start is not None and len(cold_start.features) != n:
+        raise ValueError(f"cold-start features must have one row per image ({n}), found {len(cold_start.features)}")
+    cold = cold_start is not None and cold_start.applies(np.shape(proba)[1])
     u = v = 0
     for start in range(0, n, max(batch, 1)):
         page = range(start, min(start + max(batch, 1), n))
@@ -243,6 +340,9 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
             else:
                 novel_places.discard(pos)
         free = [pos for pos in page if pos not in novel_places]
+        if cold and start == 0 and cold_start is not None:
+            free = _place_typical(free, order, placed, by_typical, _normalised(cold_start.features),
+                                  _normalised(cold_start.labelled), seed)
         spread = Z is not None and start < spread_places
         u, candidates = _next_unplaced(by_uncertainty, placed, u, window * len(free) if spread else len(free))
         if spread and Z is not None and len(candidates) > len(free):
@@ -252,19 +352,23 @@ def rank(proba: npt.NDArray[np.floating], novelty: npt.NDArray[np.floating] | No
         for pos, i in zip(free, chosen):
             order[pos] = i
             placed[i] = True
-    return Ranking(order, uncertainty, margin, entropy, novelty_term, by_novelty)
+    return Ranking(order, uncertainty, margin, entropy, novelty_term, by_novelty, by_typical)
 
 
 def rank_head(head: Any, X: npt.NDArray[np.floating], temperature: float | None = None,
-              novelty_model: Novelty | None = None, **options: Any) -> HeadRanking:
+              novelty_model: Novelty | None = None, labelled: npt.NDArray[np.floating] | None = None,
+              cold_start_per_class: int = COLD_START_PER_CLASS, **options: Any) -> HeadRanking:
     """The queue order of embeddings ``X`` ``(N, D)`` under ``head`` with its fitted ``temperature`` and novelty
-    model (either may be None): :func:`rank` of the calibrated probabilities, the novelty scores and the embeddings
-    as the head sees them (:func:`head_space`).
+    model (either may be None), given the head's training embeddings ``labelled`` ``(L, D)`` when known (the cold
+    start needs them): :func:`rank` of the calibrated probabilities, the novelty scores and the embeddings as the
+    head sees them (:func:`head_space`).
     ``options`` go to :func:`rank` (``novel_every=0``, ``window=1``: the ablations)."""
     proba = calibrated_proba(head, X, temperature)
     scores = novelty_model.score(X) if novelty_model is not None else None
     threshold = novelty_model.threshold if novelty_model is not None else None
-    return HeadRanking(rank(proba, scores, threshold, features=head_space(head, X), **options), proba, scores)
+    cold = None if labelled is None else ColdStart(X, labelled, cold_start_per_class)
+    return HeadRanking(rank(proba, scores, threshold, features=head_space(head, X), cold_start=cold, **options),
+                       proba, scores)
 
 
 def head_space(head: Any, X: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
@@ -281,13 +385,16 @@ def head_space(head: Any, X: npt.NDArray[np.floating]) -> npt.NDArray[np.floatin
 
 
 def describe(novel_every: int = NOVEL_EVERY, batch: int = BATCH, window: int = WINDOW,
-             novel_factor: float = NOVEL_FACTOR) -> str:
+             novel_factor: float = NOVEL_FACTOR, cold_start_per_class: int = COLD_START_PER_CLASS) -> str:
     """The ranking in one sentence (``GET /api/queue`` shows it)."""
     return (f"1 place in {novel_every} (the first, ...) to the most novel image at least {novel_factor:g} times the "
             f"unknown threshold, the others by uncertainty (1 - margin of the calibrated probabilities); the first "
             f"places in pages of {batch} spread over the predicted classes and the embedding space (among the "
-            f"{window} most uncertain per place: a cap per predicted class, then one per k-means cluster)")
+            f"{window} most uncertain per place: a cap per predicted class, then one per k-means cluster); while the "
+            f"head has fewer than {cold_start_per_class} labels per class, the first page's places go to the most "
+            f"typical image of each region no label covers (cold start)")
 
 
-__all__ = ["BATCH", "NOVEL_EVERY", "NOVEL_FACTOR", "SPREAD_PLACES", "WINDOW", "HeadRanking", "Ranking", "class_capped",
-           "describe", "head_space", "rank", "rank_head", "spread_pick", "uncertainty_scores"]
+__all__ = ["BATCH", "COLD_START_PER_CLASS", "NOVEL_EVERY", "NOVEL_FACTOR", "SPREAD_PLACES", "WINDOW", "ColdStart",
+           "HeadRanking", "Ranking", "class_capped", "describe", "head_space", "kmeans", "rank", "rank_head",
+           "spread_pick", "typical_picks", "typicality", "uncertainty_scores"]

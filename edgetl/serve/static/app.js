@@ -96,6 +96,7 @@ function renderQueue() {
       el("div", {}, el("b", {}, it.predicted), it.unknown ? el("span", { class: "unknown" }, " unknown") : ""),
       el("div", {}, top),
       el("div", {}, it.placed_by === "novelty" ? el("span", { class: "unknown" }, "novel: unlike every class") :
+                    it.placed_by === "typical" ? "typical of a region no label covers yet" :
                     `margin ${it.margin.toFixed(3)} between the two likeliest`),
       el("div", { class: "hint" }, it.file));
     const row = el("div", { class: "item" + (i === state.selected ? " selected" : ""), "data-id": it.id,
