@@ -101,16 +101,18 @@ class DeviceState:
     # ------------------------------------------------------------------------------------------------------- writing
     def train_keys(self, version: str) -> np.ndarray | None:
         """Content hashes of the images ``version`` was trained on (None when unknown)."""
-        try:
-            return np.load(self.version_dir(version) / "train_keys.npy", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
+        return self._version_array(version, "train_keys.npy")
 
     def train_labels(self, version: str) -> np.ndarray | None:
         """Class indices of the images ``version`` was trained on, aligned with :meth:`train_keys`."""
+        return self._version_array(version, "train_labels.npy")
+
+    def _version_array(self, version: str, name: str) -> np.ndarray | None:
+        """The array ``name`` of ``version``; None when it is missing or unreadable (empty, truncated, not .npy,
+        pickled objects)."""
         try:
-            return np.load(self.version_dir(version) / "train_labels.npy", allow_pickle=False)
-        except (OSError, ValueError):
+            return np.load(self.version_dir(version) / name, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # an empty file raises EOFError
             return None
 
     def write_version(self, head: Head, meta: dict[str, Any], train_keys: np.ndarray | None = None,

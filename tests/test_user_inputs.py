@@ -31,6 +31,19 @@ def test_state_refuses_names_that_are_no_version(name: str, tmp_path: Path) -> N
             call(name)
 
 
+@pytest.mark.parametrize("content", [b"", b"\x93NUMPY\x01\x00", b"\x00" * 64, b"not an array at all"])
+def test_unreadable_training_keys_read_as_unknown(content: bytes, tmp_path: Path) -> None:
+    """An empty, truncated or foreign train_keys.npy / train_labels.npy reads as unknown (None), as a missing one does:
+    an empty file used to raise EOFError, which the console's queue page (reading the keys on every request) passed
+    on as a failed request."""
+    state = DeviceState(tmp_path / "state")
+    folder = state.version_dir("v0001")
+    folder.mkdir(parents=True)
+    for name in ("train_keys.npy", "train_labels.npy"):
+        (folder / name).write_bytes(content)
+    assert state.train_keys("v0001") is None and state.train_labels("v0001") is None
+
+
 def test_version_names() -> None:
     assert check_version("v0001") == "v0001" and check_version("v12345") == "v12345"
     assert check_version("bundle", bundle_head=True) == "bundle"
