@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,47 @@ def _run(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate([session.run(None, {name: images[i:i + batch]})[0] for i in range(0, len(images), batch)])
 
 
+@dataclass(frozen=True)
+class PreparedInt8:
+    """An FP32 graph made ready for :func:`quantize_prepared`: ``quant_pre_process``'s output, its convolutions' node
+    names in graph order, and the per-channel int8 weight overrides of its depthwise convolutions."""
+
+    graph: Path
+    convs: list[str]
+    depthwise: dict[str, Any]
+
+
+def prepare_int8(fp32: Path, workdir: Path) -> PreparedInt8:
+    """``quant_pre_process`` of the FP32 graph ``fp32`` into ``workdir``, with what :func:`quantize_prepared` needs."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = workdir / "int8.pre.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    nodes = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    # per-tensor overrides keep per-channel (axis 0) scales: without the axis the override is per-tensor, which wrecks
+    # depthwise convolutions (mean cosine 0.60)
+    depthwise = {n.input[1]: [{"quant_type": QuantType.QInt8, "axis": 0}] for n in nodes
+                 if any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    return PreparedInt8(prepared, [n.name for n in nodes], depthwise)
+
+
+def quantize_prepared(prep: PreparedInt8, calib: np.ndarray, float_convs: int, out: Path) -> Path:
+    """The static INT8 QDQ graph of ``prep`` (settings above) with its first ``float_convs`` convolutions float,
+    calibrated on ``calib`` (``(N, 3, S, S)``; the ranges are cached beside ``prep.graph`` and reused), at ``out``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
+        quantize_static(str(prep.graph), str(out), _Calibration(calib, "images"),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8, calibrate_method=getattr(CalibrationMethod, INT8_CALIBRATION),
+                        nodes_to_exclude=prep.convs[:float_convs],
+                        extra_options={"CalibPercentile": INT8_PERCENTILE, "TensorQuantOverrides": prep.depthwise},
+                        calibration_cache_path=prep.graph.with_name("int8.ranges.json"))  # calibrated once, reused
+    return out
+
+
 def to_int8(ctx: ExportContext, out: Path) -> dict[str, Any]:
     """Static INT8, QDQ format, per-channel weights, activation ranges calibrated on real images (percentile), after
     ``quant_pre_process``; uint8 weights and activations (see :data:`INT8_WEIGHTS`). Mixed precision by measured
@@ -110,38 +152,19 @@ def to_int8(ctx: ExportContext, out: Path) -> dict[str, Any]:
     which the calibration images' mean cosine to the FP32 graph reaches :data:`INT8_CALIB_COSINE` (the held-out images
     are never used here; they judge the result in the export gate). Per-tensor weights wreck depthwise convolutions;
     dynamic quantization suits CNNs poorly."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = ctx.workdir / "int8.pre.onnx"
-    quant_pre_process(str(ctx.onnx_fp32), str(prepared), skip_symbolic_shape=True)
-    nodes = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
-    convs = [n.name for n in nodes]
-    # per-tensor overrides keep per-channel (axis 0) scales: without the axis the override is per-tensor, which wrecks
-    # depthwise convolutions (mean cosine 0.60)
-    depthwise = {n.input[1]: [{"quant_type": QuantType.QInt8, "axis": 0}] for n in nodes
-                 if any(a.name == "group" and a.i > 1 for a in n.attribute)}
-    reference = _run(prepared, ctx.calib)
+    prep = prepare_int8(ctx.onnx_fp32, ctx.workdir)
+    reference = _run(prep.graph, ctx.calib)
 
     def quantize(float_convs: int) -> Path:
-        path = ctx.workdir / f"int8.float{float_convs}.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
-            quantize_static(str(prepared), str(path), _Calibration(ctx.calib, "images"),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QUInt8, calibrate_method=getattr(CalibrationMethod, INT8_CALIBRATION),
-                            nodes_to_exclude=convs[:float_convs],
-                            extra_options={"CalibPercentile": INT8_PERCENTILE, "TensorQuantOverrides": depthwise},
-                            calibration_cache_path=ctx.workdir / "int8.ranges.json")  # calibrated once, reused
-        return path
+        return quantize_prepared(prep, ctx.calib, float_convs, ctx.workdir / f"int8.float{float_convs}.onnx")
 
     search = first_float_convs(quantize, lambda path: _run(path, ctx.calib), reference,
-                               candidates(INT8_FLOAT_CONVS, len(convs)), INT8_CALIB_COSINE)
+                               candidates(INT8_FLOAT_CONVS, len(prep.convs)), INT8_CALIB_COSINE)
     shutil.move(search.quantized, out)
     return {"tool": f"onnxruntime {_version('onnxruntime')} quantize_static", "format": "QDQ", "per_channel": True,
             "weights": INT8_WEIGHTS, "depthwise_weights": INT8_DEPTHWISE_WEIGHTS, "activations": INT8_ACTIVATIONS,
             "calibration": f"{INT8_CALIBRATION} {INT8_PERCENTILE}", "calibration_images": len(ctx.calib),
-            "float_nodes": convs[:search.kept.float_convs]} | search.record(INT8_CALIB_COSINE)
+            "float_nodes": prep.convs[:search.kept.float_convs]} | search.record(INT8_CALIB_COSINE)
 
 
 # ------------------------------------------------------------------------------------------------- text encoders
