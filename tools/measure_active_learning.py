@@ -203,6 +203,23 @@ def plot(result: dict, out: Path) -> None:
     img.save(out)
 
 
+def paired(result: dict) -> dict[str, dict[int, str]]:
+    """Active minus each other strategy, in points, at every 100 labels both reached: "mean ± standard error" over the
+    trials (paired: a trial's strategies start from the same seed labels)."""
+    runs = result["trials"]
+    active = np.array([[p["accuracy"] for p in t] for t in runs["active"]])
+    labels = [p["labels"] for p in runs["active"][0]]
+    out: dict[str, dict[int, str]] = {}
+    for name, trials in runs.items():
+        if name == "active" or len(trials) < 2:
+            continue
+        n = min(len(trials[0]), active.shape[1])
+        diff = 100 * (active[:, :n] - np.array([[p["accuracy"] for p in t[:n]] for t in trials]))
+        se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff))
+        out[name] = {labels[j]: f"{diff[:, j].mean():+.2f} ± {se[j]:.2f}" for j in range(n) if labels[j] % 100 == 0}
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=BUNDLE,
@@ -231,6 +248,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "active_learning.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "active_learning.png")
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the JSON.")
+    ap.add_argument("--paired", action="store_true",
+                    help="Print, from the JSON, active minus each other strategy at every 100 labels: mean and standard "
+                         "error of the per-trial difference (the trials share their seed labels).")
     return ap.parse_args()
 
 
@@ -279,6 +299,9 @@ def run_trials(args: argparse.Namespace, data: dict[str, np.ndarray], budgets: d
 
 def main() -> None:
     args = parse_args()
+    if args.paired:
+        print(json.dumps(paired(json.loads(args.json.read_text())), indent=1, ensure_ascii=False))
+        return
     if args.plot_only:
         plot(json.loads(args.json.read_text()), args.png)
         return
